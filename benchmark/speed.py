@@ -1,0 +1,103 @@
+"""Speed of each script's training step: updates per second at a given batch size after warm-up, the FLOPs of one
+update (counted by torch.utils.flop_counter, forward and backward), and the fraction of this machine's measured
+matmul throughput that the loop reaches.
+
+    python benchmark/speed.py --scripts iql --threads 1
+    python benchmark/speed.py --scripts iql --device cuda
+
+The step is timed as the script's main loop runs it: a minibatch drawn with torch.randint from a dataset-sized table
+on the device, then one update. Data are random with Hopper's shapes (11-d observations, 3-d actions); speed does
+not depend on the values.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@dataclass
+class Args:
+    scripts: tuple[str, ...] = ("iql",)
+    """scripts to measure (file names without .py)"""
+    device: str = "cpu"
+    """cpu or cuda"""
+    threads: int = 1
+    """torch CPU threads"""
+    batch_size: int = 256
+    warmup: int = 50
+    steps: int = 500
+    dataset_size: int = 1_000_000
+    obs_dim: int = 11
+    action_dim: int = 3
+
+
+def iql_step(args: Args, device: torch.device):
+    import iql
+
+    agent = iql.IQL(args.obs_dim, args.action_dim, iql.Args(batch_size=args.batch_size), device)
+    split = [args.obs_dim, args.action_dim, 1, args.obs_dim, 1]
+    table = torch.randn(args.dataset_size, sum(split), device=device)
+    table[:, -1] = (table[:, -1] > 2).float()
+
+    def step():
+        idx = torch.randint(args.dataset_size, (args.batch_size,), device=device)
+        obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
+        return agent.update(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1))
+
+    return step
+
+
+STEPS = {"iql": iql_step}
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_throughput(device: torch.device, n: int) -> float:
+    """FLOP/s of an n x n x n matmul, the shape class of a 256-wide layer on a 256 batch."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    reps = max(10, int(2e10 / (2 * n**3))) if device.type == "cuda" else max(10, int(4e9 / (2 * n**3)))
+    for _ in range(5):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def main(args: Args):
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    peak = max(matmul_throughput(device, 256), matmul_throughput(device, 1024))
+    print(f"device {device}, {args.threads} thread(s): measured matmul throughput {peak / 1e9:.1f} GFLOP/s")
+    print("| script | updates/s | GFLOP per update | GFLOP/s | fraction of matmul peak |")
+    print("|---|---|---|---|---|")
+    for name in args.scripts:
+        step = STEPS[name](args, device)
+        for _ in range(args.warmup):
+            step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync(device)
+        ups = args.steps / (time.perf_counter() - start)
+        print(f"| {name} | {ups:.1f} | {flops / 1e9:.3f} | {ups * flops / 1e9:.1f} | {ups * flops / peak:.0%} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
