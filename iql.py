@@ -95,7 +95,7 @@ def fail(message: str):
 
 def validate(args: Args):
     if not 0.0 < args.expectile < 1.0:
-        fail(f"--expectile must lie in (0, 1), got {args.expectile} (the paper uses 0.7 for locomotion, 0.9 for AntMaze)")
+        fail(f"--expectile must lie in (0, 1), got {args.expectile} (the paper: 0.7 for locomotion, 0.9 for AntMaze)")
     if args.temperature < 0:
         fail(f"--temperature must be >= 0, got {args.temperature}")
     if not 0.0 < args.tau <= 1.0:
@@ -111,9 +111,7 @@ def validate(args: Args):
         fail(f"--hidden-dims needs one or more positive sizes, got {args.hidden_dims}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Data ------------------------------------------------------------------------------------------------------------
 def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     """Load a dataset, turning Minari's exceptions into one line that says what to do."""
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
@@ -137,7 +135,7 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
 def check_spaces(observation_space: gym.Space, action_space: gym.Space):
     """Refuse what a Gaussian policy over a flat vector cannot handle."""
     if not isinstance(action_space, gym.spaces.Box):
-        fail(f"IQL here needs continuous (Box) actions; this dataset has {action_space}. Pick a continuous-action dataset")
+        fail(f"IQL here needs continuous (Box) actions; this dataset has {action_space}: pick a continuous one")
     if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
         fail("the action space is unbounded; IQL's actions are rescaled to [-1, 1] and need finite Box bounds")
     if isinstance(observation_space, gym.spaces.Dict):
@@ -188,9 +186,7 @@ def unscale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> n
     return low + (actions + 1.0) * 0.5 * (high - low)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Networks --------------------------------------------------------------------------------------------------------
 def mlp(in_dim: int, hidden_dims, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
     layers, d = [], in_dim
     for h in hidden_dims:
@@ -260,9 +256,7 @@ class GaussianPolicy(nn.Module):
         return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Losses (paper equations)
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Losses (paper equations) ----------------------------------------------------------------------------------------
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """Eq. 5, elementwise: |tau - 1(u < 0)| * u^2 with u = Q(s,a) - V(s); weight tau above V, 1 - tau below."""
     weight = torch.where(diff > 0, expectile, 1.0 - expectile)
@@ -345,9 +339,7 @@ class IQL:
         }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Evaluation ------------------------------------------------------------------------------------------------------
 def make_eval_env(make, video_folder: Optional[str], episodes_per_eval: int):
     """`make(**kwargs)` builds the environment: the dataset's recovered eval env, or the spec saved in a checkpoint."""
     try:
@@ -361,7 +353,7 @@ def make_eval_env(make, video_folder: Optional[str], episodes_per_eval: int):
         try:
             env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: e % episodes_per_eval == 0)
         except gym.error.DependencyNotInstalled:
-            fail("--capture-video needs moviepy (`pip install moviepy`), and MUJOCO_GL=egl on a machine without a display")
+            fail("--capture-video needs moviepy (`pip install moviepy`), and MUJOCO_GL=egl without a display")
     return env
 
 
@@ -412,11 +404,14 @@ def load_checkpoint(path: str) -> dict:
 
 
 def evaluate_checkpoint(args: Args, device: torch.device):
+    if args.eval_episodes < 1:
+        fail("--checkpoint evaluates the policy: give --eval-episodes 1 or more")
     ckpt = load_checkpoint(args.checkpoint)
     saved = ckpt["args"]
     env_spec = gym.envs.registration.EnvSpec.from_json(ckpt["env_spec"])
     # Only a --dataset-id typed on the command line is compared: the default must not refuse a Walker checkpoint.
-    if any(a.split("=")[0] in ("--dataset-id", "--dataset_id") for a in sys.argv) and args.dataset_id != saved["dataset_id"]:
+    typed = any(a.split("=")[0] in ("--dataset-id", "--dataset_id") for a in sys.argv)
+    if typed and args.dataset_id != saved["dataset_id"]:
         other = minari.list_local_datasets().get(args.dataset_id)
         other_env = gym.envs.registration.EnvSpec.from_json(other["env_spec"]).id if other else None
         if other_env != env_spec.id:
@@ -432,12 +427,10 @@ def evaluate_checkpoint(args: Args, device: torch.device):
     returns = evaluate(env, actor, stats, args.eval_episodes, args.seed, device)
     score = normalized_score(returns, ckpt["ref_min_score"], ckpt["ref_max_score"])
     line = f"{args.checkpoint}: {len(returns)} episodes, return {returns.mean():.1f} +- {returns.std():.1f}"
-    print(line + (f", normalized score {score:.1f}" if score is not None else " (no reference scores for this dataset)"))
+    print(line + (f", normalized score {score:.1f}" if score is not None else " (the dataset has no reference scores)"))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Main ------------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args)
@@ -489,7 +482,8 @@ if __name__ == "__main__":
     while os.path.exists(f"runs/{run_name}"):  # never write into another run's folder
         run_name += "_"
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    hparams = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hparams}")
     env = make_eval_env(lambda **kw: dataset.recover_environment(eval_env=True, **kw),
                         f"videos/{run_name}" if args.capture_video else None, max(args.eval_episodes, 1))
     # What the checkpoint needs to rebuild this environment without the dataset (rendering is chosen at load time).
@@ -497,7 +491,8 @@ if __name__ == "__main__":
     env_spec = replace(env_spec, kwargs={k: v for k, v in env_spec.kwargs.items() if k != "render_mode"})
 
     agent = IQL(obs_dim, action_dim, args, device)
-    scores, train_start, interval_start, interval_steps, eval_time = [], time.perf_counter(), time.perf_counter(), 0, 0.0
+    scores, eval_time, interval_steps = [], 0.0, 0
+    train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):
         idx = torch.randint(n, (args.batch_size,), device=device)
         obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
