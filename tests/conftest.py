@@ -58,7 +58,8 @@ def minari_root(tmp_path_factory):
 
     def create(dataset_id, env, episodes, **ref_scores):
         minari.create_dataset_from_buffers(dataset_id, episodes, env=env, eval_env=env.spec, algorithm_name="random",
-                                           author="tests", author_email="tests@localhost", description="test data",
+                                           author="tests", author_email="tests@localhost", code_permalink="tests/conftest.py",
+                                           description="test data",
                                            **ref_scores)
 
     env, eps = collect("Hopper-v5", 3000, seed=0, cut_at=60)  # random Hopper falls: terminations and truncations
