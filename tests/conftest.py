@@ -58,9 +58,8 @@ def minari_root(tmp_path_factory):
 
     def create(dataset_id, env, episodes, **ref_scores):
         minari.create_dataset_from_buffers(dataset_id, episodes, env=env, eval_env=env.spec, algorithm_name="random",
-                                           author="tests", author_email="tests@localhost", code_permalink="tests/conftest.py",
-                                           description="test data",
-                                           **ref_scores)
+                                           author="tests", author_email="tests@localhost", description="test data",
+                                           code_permalink="tests/conftest.py", **ref_scores)
 
     env, eps = collect("Hopper-v5", 3000, seed=0, cut_at=60)  # random Hopper falls: terminations and truncations
     create(HOPPER_ID, env, eps, ref_min_score=HOPPER_REF[0], ref_max_score=HOPPER_REF[1])
