@@ -2,7 +2,7 @@
 update (counted by torch.utils.flop_counter, forward and backward), and the fraction of this machine's measured
 matmul throughput that the loop reaches.
 
-    python benchmark/speed.py --scripts iql --threads 1
+    python benchmark/speed.py --scripts iql cql_continuous --threads 1
     python benchmark/speed.py --scripts iql --device cuda
 
 The step is timed as the script's main loop runs it: a minibatch drawn with torch.randint from a dataset-sized table
@@ -36,14 +36,15 @@ class Args:
     dataset_size: int = 1_000_000
     obs_dim: int = 11
     action_dim: int = 3
+    cql_hidden_dims: tuple[int, ...] = (256, 256, 256)
+    """CQL's hidden sizes (the issue's reduced-budget comparison uses 256 256)"""
 
 
-def iql_step(args: Args, device: torch.device):
-    import iql
-
-    agent = iql.IQL(args.obs_dim, args.action_dim, iql.Args(batch_size=args.batch_size), device)
+def training_step(agent, args: Args, device: torch.device):
+    """The main loop's body: a minibatch gathered from a dataset-sized table on the device, then one update."""
     split = [args.obs_dim, args.action_dim, 1, args.obs_dim, 1]
     table = torch.randn(args.dataset_size, sum(split), device=device)
+    table[:, args.obs_dim:args.obs_dim + args.action_dim].uniform_(-1, 1)
     table[:, -1] = (table[:, -1] > 2).float()
 
     def step():
@@ -54,7 +55,21 @@ def iql_step(args: Args, device: torch.device):
     return step
 
 
-STEPS = {"iql": iql_step}
+def iql_step(args: Args, device: torch.device):
+    import iql
+
+    return training_step(iql.IQL(args.obs_dim, args.action_dim, iql.Args(batch_size=args.batch_size), device), args,
+                         device)
+
+
+def cql_continuous_step(args: Args, device: torch.device):
+    import cql_continuous
+
+    config = cql_continuous.Args(batch_size=args.batch_size, hidden_dims=args.cql_hidden_dims)
+    return training_step(cql_continuous.CQL(args.obs_dim, args.action_dim, config, device), args, device)
+
+
+STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step}
 
 
 def sync(device: torch.device):
