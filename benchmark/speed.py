@@ -2,7 +2,8 @@
 update (counted by torch.utils.flop_counter, forward and backward), and the fraction of this machine's measured
 matmul throughput that the loop reaches.
 
-    python benchmark/speed.py --scripts iql cql_continuous --threads 1
+    python benchmark/speed.py --scripts iql cql_continuous bcq --threads 1
+    python benchmark/speed.py --scripts bcq --batch-size 100   # BCQ's own batch size
     python benchmark/speed.py --scripts iql --device cuda
 
 The step is timed as the script's main loop runs it: a minibatch drawn with torch.randint from a dataset-sized table
@@ -69,7 +70,14 @@ def cql_continuous_step(args: Args, device: torch.device):
     return training_step(cql_continuous.CQL(args.obs_dim, args.action_dim, config, device), args, device)
 
 
-STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step}
+def bcq_step(args: Args, device: torch.device):
+    import bcq
+
+    return training_step(bcq.BCQ(args.obs_dim, args.action_dim, bcq.Args(batch_size=args.batch_size), device), args,
+                         device)
+
+
+STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step, "bcq": bcq_step}
 
 
 def sync(device: torch.device):
