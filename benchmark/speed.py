@@ -77,7 +77,23 @@ def bcq_step(args: Args, device: torch.device):
                          device)
 
 
-STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step, "bcq": bcq_step}
+def awr_step(args: Args, device: torch.device):
+    """AWR's policy step (its value steps are cheaper: one small network, no action input)."""
+    import awr
+
+    agent = awr.AWR(args.obs_dim, args.action_dim, awr.Args(batch_size=args.batch_size), device)
+    obs = torch.randn(args.dataset_size, args.obs_dim, device=device)
+    actions = torch.rand(args.dataset_size, args.action_dim, device=device) * 2 - 1
+    weights = torch.rand(args.dataset_size, device=device)
+
+    def step():
+        idx = torch.randint(args.dataset_size, (args.batch_size,), device=device)
+        return agent.policy_step(obs[idx], actions[idx], weights[idx])
+
+    return step
+
+
+STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step, "bcq": bcq_step, "awr": awr_step}
 
 
 def sync(device: torch.device):

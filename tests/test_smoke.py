@@ -13,7 +13,8 @@ SCRIPTS = [s for s in ALL_SCRIPTS if (ROOT / s).exists()]
 # Arguments a script needs on top of the shared smoke settings to stay within a minute or two.
 EXTRA_ARGS = {"mopo.py": ["--dynamics-max-epochs", "3"]}
 # One invalid algorithm argument per script: it must be refused before any data is loaded.
-BAD_ARGS = {"iql.py": ["--expectile", "1.5"], "cql_continuous.py": ["--cql-alpha", "-1"], "bcq.py": ["--phi", "2"]}
+BAD_ARGS = {"iql.py": ["--expectile", "1.5"], "cql_continuous.py": ["--cql-alpha", "-1"], "bcq.py": ["--phi", "2"],
+            "awr.py": ["--td-lambda", "1.5"]}
 SMOKE = ["--seed", "3", "--total-steps", "300", "--eval-every", "150", "--eval-episodes", "2", "--batch-size", "32",
          "--log-every", "50"]
 
