@@ -14,7 +14,7 @@ SCRIPTS = [s for s in ALL_SCRIPTS if (ROOT / s).exists()]
 EXTRA_ARGS = {"mopo.py": ["--dynamics-max-epochs", "3"]}
 # One invalid algorithm argument per script: it must be refused before any data is loaded.
 BAD_ARGS = {"iql.py": ["--expectile", "1.5"], "cql_continuous.py": ["--cql-alpha", "-1"], "bcq.py": ["--phi", "2"],
-            "awr.py": ["--td-lambda", "1.5"]}
+            "awr.py": ["--td-lambda", "1.5"], "mopo.py": ["--num-elites", "9"]}
 SMOKE = ["--seed", "3", "--total-steps", "300", "--eval-every", "150", "--eval-episodes", "2", "--batch-size", "32",
          "--log-every", "50"]
 
