@@ -471,25 +471,8 @@ class TanhGaussianPolicy(nn.Module):
         return torch.tanh(self(obs)[0])
 
 
-def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, n: Optional[int] = None):
-    """Reparameterized samples a = tanh(mean + std * eps) and their log-density. With n, draws n actions per state
-    from one network pass (shape (batch, n, A)); the official code re-runs the network on n copies of each state,
-    which gives the same distribution at n times the cost."""
-    if n is not None:
-        mean, log_std = mean.unsqueeze(1).expand(-1, n, -1), log_std.unsqueeze(1).expand(-1, n, -1)
-    u = mean + log_std.exp() * torch.randn_like(mean)
-    log_prob = (-0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    # log |d tanh(u) / du| = log(1 - tanh(u)^2), written in a form that stays finite for large |u|.
-    log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
-    return torch.tanh(u), log_prob
-
-
-def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, n: Optional[int] = None):
-    """Reparameterized samples a = tanh(mean + std * eps) and their log-density. With n, draws n actions per state
-    from one network pass (shape (batch, n, A)); the official code re-runs the network on n copies of each state,
-    which gives the same distribution at n times the cost."""
-    if n is not None:
-        mean, log_std = mean.unsqueeze(1).expand(-1, n, -1), log_std.unsqueeze(1).expand(-1, n, -1)
+def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor):
+    """Reparameterized samples a = tanh(mean + std * eps) and their log-density under the squashed Gaussian."""
     u = mean + log_std.exp() * torch.randn_like(mean)
     log_prob = (-0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
     # log |d tanh(u) / du| = log(1 - tanh(u)^2), written in a form that stays finite for large |u|.
