@@ -710,7 +710,7 @@ if __name__ == "__main__":
     buffer = ModelBuffer(args.rollout_batch_size * args.rollout_length * args.model_retain_epochs, sum(split), device)
     normalize = lambda obs: (obs - stats["obs_mean"]) / stats["obs_std"]  # noqa: E731
     policy = lambda obs: sample_tanh_gaussian(*agent.actor(normalize(obs)))[0]  # noqa: E731
-    num_real = int(round(args.batch_size * args.real_ratio))
+    num_real = int(args.batch_size * args.real_ratio)  # 12 of 256, as OfflineRL-Kit rounds it
     scores, eval_time, interval_steps = [], 0.0, 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):
