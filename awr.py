@@ -471,7 +471,7 @@ if __name__ == "__main__":
     agent = AWR(obs_dim, action_dim, args, device)
     obs_all, actions_all = tensors["observations"], tensors["actions"]
     scores, step, value_steps = [], 0, 0
-    timing = {"value": 0.0, "policy": 0.0, "eval": 0.0, "returns": 0.0}
+    timing = {"value": 0.0, "eval": 0.0, "returns": 0.0}
     train_start = interval_start = time.perf_counter()
     interval_steps = 0
     while step < args.total_steps:
@@ -486,7 +486,6 @@ if __name__ == "__main__":
         timing["value"] += time.perf_counter() - phase
 
         # (2) Advantages of the data's actions under the refitted V, and their weights.
-        phase = time.perf_counter()
         v, returns = agent.returns(tensors)
         weights, adv_mean, adv_std = advantage_weights(returns - v, args.temperature, args.max_weight,
                                                        args.normalize_advantages)
@@ -537,7 +536,6 @@ if __name__ == "__main__":
                 print(f"{line} | {step / (elapsed - timing['eval']):.0f} policy updates/s (value fitting included) | "
                       f"{left / 60:.1f} min left", flush=True)
                 interval_start, interval_steps = time.perf_counter(), 0
-        timing["policy"] += time.perf_counter() - phase
 
     if scores:
         print(f"final score (mean of the last 3 evaluations): {np.mean(scores[-3:]):.1f}")
