@@ -89,5 +89,6 @@ algo.fit(dataset, n_steps=args.total_steps, n_steps_per_epoch=args.eval_every, s
          save_interval=10**9, callback=callback, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
 final = float(np.mean([h["score"] for h in history[-3:]]))
 print(f"final score (mean of the last 3 evaluations): {final:.1f}")
-json.dump({"dataset_id": args.dataset_id, "seed": args.seed, "final_score": final, "history": history},
+json.dump({"name": "d3rlpy_iql", "dataset_id": args.dataset_id, "seed": args.seed, "final_score": final,
+           "history": history},
           open(args.out, "w"), indent=1)

@@ -1,0 +1,92 @@
+"""Score table from training logs: per script and dataset, the final normalized score (mean of the last 3
+evaluations) as mean +- std over seeds, the per-seed values, updates per second, wall time and peak memory.
+
+    python benchmark/report.py --logdir benchmark/logs --name hopper_local
+
+Reads every run folder under --logdir (TensorBoard logs named {dataset}__{exp_name}__{seed}__{time}, as the scripts
+write them) and every peer result under --logdir/peers/*.json, and writes benchmark/results/{name}.md and .csv.
+"""
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+@dataclass
+class Args:
+    logdir: Path = Path("benchmark/logs")
+    """folder of run folders (and peers/*.json)"""
+    name: str = "results"
+    """output file stem"""
+    out: Path = Path("benchmark/results")
+    """output folder"""
+    last: int = 3
+    """evaluations averaged into a run's final score"""
+
+
+def read_run(run_dir: Path, last: int) -> dict:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    dataset, exp_name, seed, _ = run_dir.name.split("__")
+    score_tag = "eval/normalized_score" if "eval/normalized_score" in tags else "eval/return"
+    evals = acc.Scalars(score_tag)
+    wall = [e.wall_time for t in tags for e in acc.Scalars(t)]
+    return {
+        "script": exp_name, "dataset": dataset, "seed": int(seed), "metric": score_tag.split("/")[1],
+        "final": float(np.mean([e.value for e in evals[-last:]])), "steps": evals[-1].step,
+        "updates_per_second": float(np.median([e.value for e in acc.Scalars("charts/updates_per_second")])),
+        "peak_memory_mb": max(e.value for e in acc.Scalars("charts/peak_memory_mb")),
+        "wall_minutes": (max(wall) - min(wall)) / 60,
+    }
+
+
+def read_peer(path: Path, last: int) -> dict:
+    result = json.loads(path.read_text())
+    history = result["history"]
+    return {
+        "script": result["name"], "dataset": result["dataset_id"].replace("/", "-"),
+        "seed": result["seed"], "metric": "normalized_score",
+        "final": float(np.mean([h["score"] for h in history[-last:]])), "steps": history[-1]["step"],
+        "updates_per_second": history[-1]["updates_per_second"], "peak_memory_mb": float("nan"),
+        "wall_minutes": float("nan"),
+    }
+
+
+def main(args: Args):
+    runs = [read_run(d, args.last) for d in sorted(args.logdir.iterdir()) if d.is_dir() and d.name.count("__") == 3]
+    runs += [read_peer(p, args.last) for p in sorted((args.logdir / "peers").glob("*.json"))]
+    if not runs:
+        raise SystemExit(f"no runs under {args.logdir}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = list(runs[0])
+    with open(args.out / f"{args.name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(sorted(runs, key=lambda r: (r["dataset"], r["script"], r["seed"])))
+    lines = ["| dataset | script | steps | final score (mean +- std) | per seed | updates/s | wall (min) | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["script"], r["steps"]), []).append(r)
+    for (dataset, script, steps), group in sorted(groups.items()):
+        group.sort(key=lambda r: r["seed"])
+        finals = [r["final"] for r in group]
+        per_seed = ", ".join(f"{r['final']:.1f}" for r in group)
+        wall = np.mean([r["wall_minutes"] for r in group])
+        memory = max(r["peak_memory_mb"] for r in group)
+        lines.append(f"| {dataset} | {script} | {steps} | {np.mean(finals):.1f} +- {np.std(finals):.1f} | {per_seed} | "
+                     f"{np.mean([r['updates_per_second'] for r in group]):.0f} | "
+                     f"{'n/a' if np.isnan(wall) else f'{wall:.0f}'} | "
+                     f"{'n/a' if np.isnan(memory) else f'{memory:.0f}'} |")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
