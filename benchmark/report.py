@@ -4,7 +4,9 @@ evaluations) as mean +- std over seeds, the per-seed values, updates per second,
     python benchmark/report.py --logdir benchmark/logs --name hopper_local
 
 Reads every run folder under --logdir (TensorBoard logs named {dataset}__{exp_name}__{seed}__{time}, as the scripts
-write them) and every peer result under --logdir/peers/*.json, and writes benchmark/results/{name}.md and .csv.
+write them) and every peer result under --logdir/peers/*.json, and writes benchmark/results/{name}.md and .csv, and
+{name}_curves.png: score against gradient steps, one panel per dataset, one line per script (the mean over seeds) with
+a band from the lowest to the highest seed.
 """
 
 import csv
@@ -27,6 +29,8 @@ class Args:
     """output folder"""
     last: int = 3
     """evaluations averaged into a run's final score"""
+    curves: bool = True
+    """also draw {name}_curves.png (needs matplotlib: pip install -r benchmark/requirements.txt)"""
 
 
 def read_run(run_dir: Path, last: int) -> dict:
@@ -43,6 +47,7 @@ def read_run(run_dir: Path, last: int) -> dict:
         "updates_per_second": float(np.median([e.value for e in acc.Scalars("charts/updates_per_second")])),
         "peak_memory_mb": max(e.value for e in acc.Scalars("charts/peak_memory_mb")),
         "wall_minutes": (max(wall) - min(wall)) / 60,
+        "curve": [(e.step, e.value) for e in evals],
     }
 
 
@@ -55,7 +60,38 @@ def read_peer(path: Path, last: int) -> dict:
         "final": float(np.mean([h["score"] for h in history[-last:]])), "steps": history[-1]["step"],
         "updates_per_second": history[-1]["updates_per_second"], "peak_memory_mb": float("nan"),
         "wall_minutes": float("nan"),
+        "curve": [(h["step"], h["score"]) for h in history],
     }
+
+
+def plot_curves(runs: list, path: Path):
+    """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("report.py: error: the curves need matplotlib: pip install -r benchmark/requirements.txt "
+                         "(or pass --no-curves)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        scripts = sorted({r["script"] for r in runs if r["dataset"] == dataset})
+        for script in scripts:
+            group = [r for r in runs if r["dataset"] == dataset and r["script"] == script]
+            steps = sorted(set.intersection(*[{s for s, _ in r["curve"]} for r in group]))
+            values = np.array([[dict(r["curve"])[s] for s in steps] for r in group])
+            line, = ax.plot(steps, values.mean(0), label=f"{script} ({len(group)} seed{'s' * (len(group) > 1)})")
+            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+        metric = {r["metric"] for r in runs if r["dataset"] == dataset}
+        ax.set(title=dataset, xlabel="gradient steps", ylabel="normalized score" if metric == {"normalized_score"}
+               else "return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(args: Args):
@@ -64,9 +100,9 @@ def main(args: Args):
     if not runs:
         raise SystemExit(f"no runs under {args.logdir}")
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = list(runs[0])
+    fields = [k for k in runs[0] if k != "curve"]
     with open(args.out / f"{args.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(sorted(runs, key=lambda r: (r["dataset"], r["script"], r["seed"])))
     lines = ["| dataset | script | steps | final score (mean +- std) | per seed | updates/s | wall (min) | peak MB |",
@@ -86,6 +122,9 @@ def main(args: Args):
                      f"{'n/a' if np.isnan(memory) else f'{memory:.0f}'} |")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.curves:
+        plot_curves(runs, args.out / f"{args.name}_curves.png")
+        print(f"wrote {args.out / f'{args.name}_curves.png'}")
 
 
 if __name__ == "__main__":

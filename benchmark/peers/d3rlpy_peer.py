@@ -1,0 +1,152 @@
+"""Peer baselines: d3rlpy's IQL, CQL and BCQ on a Minari dataset, trained and evaluated on the same schedule as our
+scripts, for the score and speed comparisons in the README.
+
+Not part of the project's scripts or tests; it runs in its own environment:
+    python -m venv peer && peer/bin/pip install torch==2.13.0 && \
+        peer/bin/pip install d3rlpy==2.8.1 minari h5py pillow "gymnasium[mujoco]==1.0.0"
+    MINARI_DATASETS_PATH=../shared/minari peer/bin/python benchmark/peers/d3rlpy_peer.py --algo iql \
+        --dataset-id local/hopper/medium-replay-v0 --seed 1 --total-steps 100000 --out peer_iql_1.json
+Speed alone (updates/s after --warmup steps, in d3rlpy's own `fit` loop and in `update` alone):
+    ... d3rlpy_peer.py --algo iql --speed --threads 1
+
+Settings (each the paper's, with standardized observations as our scripts use by default):
+  iql: expectile 0.7, temperature 3, max weight 100, rewards x 1000 / return range, actor lr on a cosine schedule.
+  cql: actor lr 1e-4, critic lr 3e-4, conservative weight 5 with a fixed alpha' (alpha_learning_rate 0, as
+       cql_continuous.py without --lagrange-gap), 10 action samples, --hidden-dims for every network.
+  bcq: VAE 750-750, actor and critic 400-300, lr 1e-3, batch 100, lambda 0.75, phi 0.05; --n-action-samples is used
+       by d3rlpy both for the critic target and for acting.
+Evaluation: every --eval-every steps and at the end, --eval-episodes deterministic episodes seeded seed + i; the final
+score is the mean normalized score of the last 3 evaluations.
+"""
+
+import argparse
+import json
+import time
+
+import d3rlpy
+import minari
+import numpy as np
+import torch
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--algo", choices=["iql", "cql", "bcq"], default="iql")
+parser.add_argument("--dataset-id", default="local/hopper/medium-replay-v0")
+parser.add_argument("--seed", type=int, default=1)
+parser.add_argument("--total-steps", type=int, default=100_000)
+parser.add_argument("--eval-every", type=int, default=5_000)
+parser.add_argument("--eval-episodes", type=int, default=10)
+parser.add_argument("--hidden-dims", type=int, nargs="+", default=None, help="cql: hidden sizes (default 256 256 256)")
+parser.add_argument("--n-action-samples", type=int, default=10, help="cql and bcq")
+parser.add_argument("--batch-size", type=int, default=None, help="default: the algorithm's (256; bcq 100)")
+parser.add_argument("--out", default="peer.json")
+parser.add_argument("--speed", action="store_true", help="measure updates/s only, no evaluation")
+parser.add_argument("--threads", type=int, default=None)
+parser.add_argument("--warmup", type=int, default=50)
+parser.add_argument("--steps", type=int, default=500)
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+
+d3rlpy.seed(args.seed)
+ds = minari.load_dataset(args.dataset_id)
+obs, act, rew, term, tout = [], [], [], [], []
+for ep in ds.iterate_episodes():
+    # d3rlpy stores one observation per step: obs[:-1]; an episode not ended by a termination ends in a timeout.
+    obs.append(ep.observations[:-1])
+    act.append(ep.actions)
+    rew.append(ep.rewards)
+    term.append(ep.terminations.astype(np.float32))
+    t = np.zeros(len(ep.rewards), dtype=np.float32)
+    if not ep.terminations[-1]:
+        t[-1] = 1.0
+    tout.append(t)
+dataset = d3rlpy.dataset.MDPDataset(
+    np.concatenate(obs).astype(np.float32), np.concatenate(act).astype(np.float32),
+    np.concatenate(rew).astype(np.float32), np.concatenate(term), np.concatenate(tout))
+
+scaler = d3rlpy.preprocessing.StandardObservationScaler()
+horizon = args.warmup + args.steps if args.speed else args.total_steps
+if args.algo == "iql":
+    config = d3rlpy.algos.IQLConfig(
+        actor_learning_rate=3e-4, critic_learning_rate=3e-4, batch_size=args.batch_size or 256, gamma=0.99, tau=0.005,
+        n_critics=2, expectile=0.7, weight_temp=3.0, max_weight=100.0,
+        actor_optim_factory=d3rlpy.optimizers.AdamFactory(
+            lr_scheduler_factory=d3rlpy.optimizers.CosineAnnealingLRFactory(T_max=horizon)),
+        observation_scaler=scaler, reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0))
+elif args.algo == "cql":
+    net = d3rlpy.models.VectorEncoderFactory(hidden_units=args.hidden_dims or [256, 256, 256])
+    config = d3rlpy.algos.CQLConfig(
+        actor_learning_rate=1e-4, critic_learning_rate=3e-4, temp_learning_rate=1e-4, alpha_learning_rate=0.0,
+        batch_size=args.batch_size or 256, gamma=0.99, tau=0.005, n_critics=2, conservative_weight=5.0,
+        n_action_samples=args.n_action_samples, actor_encoder_factory=net, critic_encoder_factory=net,
+        observation_scaler=scaler)
+else:
+    config = d3rlpy.algos.BCQConfig(
+        actor_learning_rate=1e-3, critic_learning_rate=1e-3, imitator_learning_rate=1e-3,
+        batch_size=args.batch_size or 100, gamma=0.99, tau=0.005, n_critics=2, lam=0.75, action_flexibility=0.05,
+        n_action_samples=args.n_action_samples, beta=0.5,
+        actor_encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[400, 300]),
+        critic_encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[400, 300]),
+        imitator_encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[750, 750]),
+        observation_scaler=scaler)
+algo = config.create(device="cpu:0")
+fit = dict(show_progress=False, save_interval=10**9, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
+
+if args.speed:
+    marks, update_time, inner = {}, [0.0], algo.update
+
+    def timed_update(batch):
+        start = time.perf_counter()
+        out = inner(batch)
+        update_time[0] += time.perf_counter() - start
+        return out
+
+    def mark(algo_, epoch, total_step):
+        if total_step == args.warmup:
+            marks["start"], update_time[0] = time.perf_counter(), 0.0
+        if total_step == args.warmup + args.steps:
+            marks["end"] = time.perf_counter()
+
+    algo.update = timed_update
+    algo.fit(dataset, n_steps=horizon, n_steps_per_epoch=horizon, callback=mark, **fit)
+    print(f"d3rlpy {args.algo.upper()}, {torch.get_num_threads()} thread(s): "
+          f"{args.steps / (marks['end'] - marks['start']):.1f} updates/s in fit, "
+          f"{args.steps / update_time[0]:.1f} updates/s in update alone")
+    raise SystemExit(0)
+
+env = ds.recover_environment(eval_env=True)
+ref_min, ref_max = ds.storage.metadata["ref_min_score"], ds.storage.metadata["ref_max_score"]
+history, clock = [], {"start": time.perf_counter(), "eval": 0.0}
+
+
+def evaluate(step):
+    t0 = time.perf_counter()
+    returns = []
+    for i in range(args.eval_episodes):
+        o, _ = env.reset(seed=args.seed + i)
+        done, total = False, 0.0
+        while not done:
+            a = algo.predict(o[None].astype(np.float32))[0]
+            o, r, terminated, truncated, _ = env.step(a)
+            total += r
+            done = terminated or truncated
+        returns.append(total)
+    clock["eval"] += time.perf_counter() - t0
+    score = 100 * (np.mean(returns) - ref_min) / (ref_max - ref_min)
+    ups = step / (time.perf_counter() - clock["start"] - clock["eval"])
+    history.append({"step": step, "return": float(np.mean(returns)), "score": float(score), "updates_per_second": ups})
+    print(f"step {step}/{args.total_steps} | return {np.mean(returns):8.1f} | score {score:5.1f} | {ups:.0f} updates/s",
+          flush=True)
+
+
+def callback(algo_, epoch, total_step):
+    if total_step % args.eval_every == 0 or total_step == args.total_steps:
+        evaluate(total_step)
+
+
+algo.fit(dataset, n_steps=args.total_steps, n_steps_per_epoch=args.eval_every, callback=callback, **fit)
+final = float(np.mean([h["score"] for h in history[-3:]]))
+print(f"final score (mean of the last 3 evaluations): {final:.1f}")
+json.dump({"name": f"d3rlpy_{args.algo}", "dataset_id": args.dataset_id, "seed": args.seed, "final_score": final,
+           "history": history},
+          open(args.out, "w"), indent=1)

@@ -1,0 +1,83 @@
+"""benchmark/run.py on a tiny grid (two scripts, the test Hopper dataset, two seeds, a hundred steps), then
+benchmark/report.py on what it wrote; and the same kind of run through a local Ray instance."""
+
+import json
+import os
+import sys
+
+import pytest
+from conftest import HOPPER_ID, ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "benchmark"))
+import report  # noqa: E402
+
+TINY = "--total-steps 100 --eval-every 50 --eval-episodes 1 --batch-size 32 --log-every 50 --no-save-model"
+
+
+def sweep(out, *extra, seeds=("1", "2")):
+    return run_script("benchmark/run.py", "--scripts", "iql.py", "awr.py", "--dataset-ids", HOPPER_ID,
+                      "--seeds", *seeds, f"--args={TINY}", "--workers", "2", "--threads", "1", "--out", str(out),
+                      *extra, cwd=ROOT, timeout=600)
+
+
+def test_sweep_resumes_and_reports(minari_root, tmp_path):
+    pytest.importorskip("matplotlib", reason="the curves image needs pip install -r benchmark/requirements.txt")
+    out = tmp_path / "sweep"
+    first = sweep(out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    markers = sorted(p.name for p in (out / "done").iterdir())
+    assert markers == sorted(f"test-hopper-random-v0__{s}__{seed}.json" for s in ("iql", "awr") for seed in (1, 2))
+    assert len(list((out / "runs").iterdir())) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
+
+    # A second call finds every run finished and starts nothing; a third seed is the only new run.
+    again = sweep(out)
+    assert again.returncode == 0 and "4 already finished" in again.stdout and "0 to run" in again.stdout
+    more = sweep(out, seeds=("1", "2", "3"))
+    assert more.returncode == 0 and "4 already finished" in more.stdout and "2 to run" in more.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert len(list((out / "runs").iterdir())) == 6
+
+    report.main(report.Args(logdir=out / "runs", name="tiny", out=tmp_path / "results"))
+    rows = (tmp_path / "results" / "tiny.md").read_text().splitlines()[2:]
+    assert sorted(r.split(" | ")[1] for r in rows) == ["awr", "iql"]
+    assert all(r.split(" | ")[2] == "100" and len(r.split(" | ")[4].split(", ")) == 3 for r in rows)
+    png = tmp_path / "results" / "tiny_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_failed_run_is_not_marked_finished(minari_root, tmp_path):
+    out = tmp_path / "sweep"
+    result = run_script("benchmark/run.py", "--scripts", "iql.py", "--dataset-ids", HOPPER_ID, "--seeds", "1",
+                        f"--args={TINY}", "--variants", "bad: --expectile 1.5", "--out", str(out), cwd=ROOT)
+    assert result.returncode == 1 and "1 run(s) failed" in result.stderr
+    assert not list((out / "done").iterdir())
+    assert "--expectile must lie in (0, 1)" in (out / "logs" / "test-hopper-random-v0__iql_bad__1.log").read_text()
+
+
+def test_variants_are_named_and_names_are_distinct(tmp_path):
+    def dry(*variants):
+        return run_script("benchmark/run.py", "--scripts", "iql.py", "awr.py", "--seeds", "1", "--args=--tau 0.01",
+                          "--variants", *variants, "--out", str(tmp_path), "--dry-run", cwd=ROOT)
+
+    result = dry(": ", "bc: --temperature 0")
+    assert result.returncode == 0 and "4 to run" in result.stdout
+    assert sum("--exp-name iql_bc" in line and "--tau 0.01 --temperature 0" in line for line in result.stdout.split("\n")) == 1
+    for bad, message in ((("a: --tau 1", "a: --tau 2"), "share the name 'a'"), (("bc --temperature 0",), "NAME: ARGS")):
+        result = dry(*bad)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ray_backend_runs_the_grid(minari_root, tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r benchmark/requirements.txt")
+    out = tmp_path / "sweep"
+    # No --ray-address: run.py starts a Ray instance on this machine, which is what a cluster's head node runs.
+    result = run_script("benchmark/run.py", "--scripts", "awr.py", "--dataset-ids", HOPPER_ID, "--seeds", "1", "2",
+                        f"--args={TINY}", "--backend", "ray", "--out", str(out), cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert [r.rsplit("__", 1)[0] for r in runs] == [f"test-hopper-random-v0__awr__{s}" for s in (1, 2)]
+    marker = json.loads((out / "done" / "test-hopper-random-v0__awr__1.json").read_text())
+    assert marker["threads"] == 1 and "--total-steps" in marker["argv"]
+    assert "step 100/100" in (out / "logs" / "test-hopper-random-v0__awr__2.log").read_text()
+    assert os.listdir(out / "runs" / runs[0])  # the TensorBoard event file came back from the task
