@@ -187,7 +187,7 @@ def unscale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> n
 def mlp(in_dim: int, hidden_dims, out_dim: int) -> nn.Sequential:
     layers, d = [], in_dim
     for h in hidden_dims:
-        layers += [nn.Linear(d, h), nn.ReLU()]
+        layers += [nn.Linear(d, h), nn.ReLU(inplace=True)]
         d = h
     layers.append(nn.Linear(d, out_dim))
     for m in layers:  # TensorFlow's default (Glorot) init, which the original code uses

@@ -186,7 +186,7 @@ def unscale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> n
 def mlp(in_dim: int, hidden_dims, out_dim: int) -> nn.Sequential:
     layers, d = [], in_dim
     for h in hidden_dims:
-        layers += [nn.Linear(d, h), nn.ReLU()]
+        layers += [nn.Linear(d, h), nn.ReLU(inplace=True)]
         d = h
     return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
@@ -250,7 +250,7 @@ class TwinQ(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b[members], x, w[members])
             if i < len(self.weights) - 1:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place: baddbmm's backward needs only its inputs
         return x.squeeze(-1)
 
 

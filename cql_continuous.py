@@ -219,7 +219,7 @@ class TwinQ(nn.Module):
                 w, b = w.detach(), b.detach()
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place: baddbmm's backward needs only its inputs
         return x.squeeze(-1)
 
 
@@ -231,7 +231,7 @@ class TanhGaussianPolicy(nn.Module):
         super().__init__()
         layers, d = [], obs_dim
         for h in hidden_dims:
-            layers += [nn.Linear(d, h), nn.ReLU()]
+            layers += [nn.Linear(d, h), nn.ReLU(inplace=True)]
             d = h
         self.trunk = nn.Sequential(*layers)
         self.head = nn.Linear(d, 2 * action_dim)  # mean and log-std

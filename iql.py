@@ -190,7 +190,7 @@ def unscale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> n
 def mlp(in_dim: int, hidden_dims, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
     layers, d = [], in_dim
     for h in hidden_dims:
-        layers += [nn.Linear(d, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+        layers += [nn.Linear(d, h), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout > 0 else [])
         d = h
     layers.append(nn.Linear(d, out_dim))
     # The official code initializes every layer orthogonally with gain sqrt(2) and zero biases.
@@ -224,7 +224,7 @@ class TwinQ(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # in place: baddbmm's backward needs only its inputs
         return x.squeeze(-1)
 
 
