@@ -242,13 +242,18 @@ class TwinQ(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
         self.num_q = num_q
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, member: Optional[int] = None) -> torch.Tensor:
-        """Q values of shape (num_q, batch), or (1, batch) for one member."""
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, member: Optional[int] = None,
+                detach_params: bool = False) -> torch.Tensor:
+        """Q values of shape (num_q, batch), or (1, batch) for one member. With detach_params, gradients reach the
+        actions but not the weights: the actor's loss must not train the critic (and skips their weight gradients)."""
         members = slice(None) if member is None else slice(member, member + 1)
         x = torch.cat([obs, actions], dim=-1)
         x = x.expand(self.num_q if member is None else 1, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b[members], x, w[members])
+            w, b = w[members], b[members]
+            if detach_params:
+                w, b = w.detach(), b.detach()
+            x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1:
                 x = torch.relu_(x)  # in place: baddbmm's backward needs only its inputs
         return x.squeeze(-1)
@@ -323,7 +328,7 @@ class BCQ:
         with torch.no_grad():
             sampled = self.vae.decode(obs)
         perturbed = self.actor(obs, sampled)
-        actor_loss = -self.critic(obs, perturbed, member=0).mean()
+        actor_loss = -self.critic(obs, perturbed, member=0, detach_params=True).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()

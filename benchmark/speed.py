@@ -5,6 +5,7 @@ matmul throughput that the loop reaches.
     python benchmark/speed.py --scripts iql cql_continuous bcq --threads 1
     python benchmark/speed.py --scripts bcq --batch-size 100   # BCQ's own batch size
     python benchmark/speed.py --scripts iql --device cuda
+    python benchmark/speed.py --scripts mopo mopo_rollout --steps 20   # a rollout row counts rollouts per second
 
 The step is timed as the script's main loop runs it: a minibatch drawn with torch.randint from a dataset-sized table
 on the device, then one update. Data are random with Hopper's shapes (11-d observations, 3-d actions); speed does
@@ -41,7 +42,7 @@ class Args:
     """CQL's hidden sizes (the issue's reduced-budget comparison uses 256 256)"""
 
 
-def training_step(agent, args: Args, device: torch.device):
+def training_step(agent, args: Args, device: torch.device, **update_kwargs):
     """The main loop's body: a minibatch gathered from a dataset-sized table on the device, then one update."""
     split = [args.obs_dim, args.action_dim, 1, args.obs_dim, 1]
     table = torch.randn(args.dataset_size, sum(split), device=device)
@@ -51,7 +52,7 @@ def training_step(agent, args: Args, device: torch.device):
     def step():
         idx = torch.randint(args.dataset_size, (args.batch_size,), device=device)
         obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
-        return agent.update(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1))
+        return agent.update(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), **update_kwargs)
 
     return step
 
@@ -93,7 +94,38 @@ def awr_step(args: Args, device: torch.device):
     return step
 
 
-STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step, "bcq": bcq_step, "awr": awr_step}
+def mopo_step(args: Args, device: torch.device):
+    """MOPO's SAC step on a batch mixing real and model rows (5% real by default); the rollouts are timed apart."""
+    import mopo
+
+    config = mopo.Args(batch_size=args.batch_size)
+    agent = mopo.SAC(args.obs_dim, args.action_dim, config, device)
+    num_real = int(config.batch_size * config.real_ratio)
+    return training_step(agent, args, device, num_real=num_real)
+
+
+def mopo_rollout_step(args: Args, device: torch.device):
+    """One of MOPO's model rollouts (the default 50,000 start states for 5 steps through the 7-member ensemble, run
+    once every 1000 SAC steps); its row in the table counts rollouts per second."""
+    import mopo
+
+    config = mopo.Args()
+    model = mopo.EnsembleDynamics(args.obs_dim, args.action_dim, config.dynamics_hidden_dims, config.num_ensemble,
+                                  config.num_elites).to(device)
+    actor = mopo.TanhGaussianPolicy(args.obs_dim, args.action_dim, config.hidden_dims).to(device)
+    starts = torch.randn(args.dataset_size, args.obs_dim, device=device)
+
+    @torch.no_grad()
+    def step():
+        idx = torch.randint(args.dataset_size, (config.rollout_batch_size,), device=device)
+        return mopo.rollout(model, lambda o: mopo.sample_tanh_gaussian(*actor(o))[0], starts[idx],
+                            config.rollout_length, config.penalty_coef, mopo.never_done)
+
+    return step
+
+
+STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step, "bcq": bcq_step, "awr": awr_step, "mopo": mopo_step,
+         "mopo_rollout": mopo_rollout_step}
 
 
 def sync(device: torch.device):
@@ -135,7 +167,7 @@ def main(args: Args):
             step()
         sync(device)
         ups = args.steps / (time.perf_counter() - start)
-        print(f"| {name} | {ups:.1f} | {flops / 1e9:.3f} | {ups * flops / 1e9:.1f} | {ups * flops / peak:.0%} |")
+        print(f"| {name} | {ups:.3g} | {flops / 1e9:.3f} | {ups * flops / 1e9:.1f} | {ups * flops / peak:.0%} |")
 
 
 if __name__ == "__main__":

@@ -100,3 +100,12 @@ def test_update_trains_all_networks_and_moves_both_targets_by_tau():
         assert any(not torch.equal(a, b) for a, b in zip(params, getattr(agent, name).parameters())), name
     for old, target, online in zip(old_targets, agent.targets, agent.online):
         torch.testing.assert_close(target, (1 - args.tau) * old + args.tau * online)
+
+
+def test_actor_loss_reaches_the_actions_but_not_the_critic_weights():
+    torch.manual_seed(0)
+    agent = bcq.BCQ(3, 2, bcq.Args(hidden_dims=(16, 16), vae_hidden_dims=(16, 16)), torch.device("cpu"))
+    actions = (torch.rand(5, 2) * 2 - 1).requires_grad_()
+    agent.critic(torch.randn(5, 3), actions, member=0, detach_params=True).mean().backward()
+    assert actions.grad is not None and actions.grad.abs().sum() > 0
+    assert all(p.grad is None for p in agent.critic.parameters())
