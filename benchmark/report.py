@@ -80,8 +80,9 @@ def plot_curves(runs: list, path: Path):
         scripts = sorted({r["script"] for r in runs if r["dataset"] == dataset})
         for script in scripts:
             group = [r for r in runs if r["dataset"] == dataset and r["script"] == script]
-            steps = sorted(set.intersection(*[{s for s, _ in r["curve"]} for r in group]))
-            values = np.array([[dict(r["curve"])[s] for s in steps] for r in group])
+            curves = [dict(r["curve"]) for r in group]
+            steps = sorted(set.intersection(*[set(c) for c in curves]))
+            values = np.array([[c[s] for s in steps] for c in curves])
             line, = ax.plot(steps, values.mean(0), label=f"{script} ({len(group)} seed{'s' * (len(group) > 1)})")
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
         metric = {r["metric"] for r in runs if r["dataset"] == dataset}

@@ -156,17 +156,20 @@ def time_left_from_log(path: Path) -> Optional[float]:
 class Progress:
     def __init__(self, total: int, skipped: int, workers: int):
         self.total, self.skipped, self.workers = total, skipped, workers
-        self.done, self.failed, self.durations, self.start = 0, 0, [], time.time()
+        self.done, self.failed, self.durations = 0, 0, []
 
-    def show(self, running: dict, logs: Path, final: bool = False):
+    def record(self, rc: int, seconds: float):
+        self.durations.append(seconds)
+        self.done, self.failed = self.done + (rc == 0), self.failed + (rc != 0)
+
+    def show(self, running: list, logs: Path, final: bool = False):
         finished = self.skipped + self.done + self.failed
         queued = self.total - finished - len(running)
         # Time left: what each running run says about itself, then queued runs at the mean duration seen so far.
         left = [time_left_from_log(logs / f"{key}.log") for key in running]
         per_run = sum(self.durations) / len(self.durations) / 60 if self.durations else None
-        if per_run is not None or all(x is not None for x in left):
-            fallback = per_run or 0.0
-            lanes = sorted(x if x is not None else fallback for x in left) + [0.0] * (self.workers - len(left))
+        if per_run is not None or None not in left:
+            lanes = sorted(per_run if x is None else x for x in left) + [0.0] * (self.workers - len(left))
             for _ in range(queued):  # each queued run goes to the lane that frees first
                 lanes[0] += per_run or max(lanes)
                 lanes.sort()
@@ -221,6 +224,10 @@ def main(args: Args):
     sources = {s: (ROOT / s).read_text() for s in args.scripts}
     progress = Progress(len(runs), len(runs) - len(todo), args.workers)
 
+    def complete(run: Run, started: float, rc: int, archive: bytes):
+        progress.record(rc, time.time() - started)
+        finish(run, rc, archive, args.out, time.time() - started, threads)
+
     if args.backend == "ray":
         try:
             import ray
@@ -231,15 +238,13 @@ def main(args: Args):
         pending = {remote.remote(r.script, sources[r.script], r.argv, threads, env): (r, time.time()) for r in todo}
         progress.workers = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         while pending:
-            progress.show({r.key: None for r, _ in pending.values()}, args.out / "logs")
+            progress.show([r.key for r, _ in pending.values()], args.out / "logs")
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
             for ref in ready:
                 run, started = pending.pop(ref)
                 rc, text, archive = ray.get(ref)
                 (args.out / "logs" / f"{run.key}.log").write_text(text)
-                progress.durations.append(time.time() - started)
-                progress.done, progress.failed = progress.done + (rc == 0), progress.failed + (rc != 0)
-                finish(run, rc, archive, args.out, time.time() - started, threads)
+                complete(run, started, rc, archive)
     else:
         with ThreadPoolExecutor(args.workers) as pool:
             queue, running = list(todo), {}
@@ -249,15 +254,13 @@ def main(args: Args):
                     log = args.out / "logs" / f"{run.key}.log"
                     future = pool.submit(execute, run.script, sources[run.script], run.argv, threads, env, str(log))
                     running[future] = (run, time.time())
-                progress.show({r.key: None for r, _ in running.values()}, args.out / "logs")
+                progress.show([r.key for r, _ in running.values()], args.out / "logs")
                 finished, _ = wait(list(running), timeout=30, return_when=FIRST_COMPLETED)
                 for future in finished:
                     run, started = running.pop(future)
                     rc, _, archive = future.result()
-                    progress.durations.append(time.time() - started)
-                    progress.done, progress.failed = progress.done + (rc == 0), progress.failed + (rc != 0)
-                    finish(run, rc, archive, args.out, time.time() - started, threads)
-    progress.show({}, args.out / "logs", final=True)
+                    complete(run, started, rc, archive)
+    progress.show([], args.out / "logs", final=True)
     if progress.failed:
         print(f"{progress.failed} run(s) failed: see {args.out / 'logs'} and {args.out / 'failed'}", file=sys.stderr)
         sys.exit(1)
