@@ -9,6 +9,7 @@ On a fixed dataset the "replay buffer" is the whole dataset; beta -> infinity gi
 Run: python awr.py --dataset-id mujoco/hopper/medium-v0 --temperature 1.0
 """
 
+import ctypes
 import math
 import os
 import random
@@ -362,6 +363,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
 
+def keep_freed_memory():
+    """Every CPU update allocates and frees tensors of several MB (CQL: 31 actions per state through both critics).
+    glibc hands blocks that large back to the kernel on free, so each update page-faults on fresh memory: about a
+    fifth of CQL's CPU update time. Keeping freed blocks in the heap avoids it. glibc only; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mappings
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of returning it
+
+
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; pass the .pt file a training run saved under runs/<run_name>/")
@@ -406,6 +421,7 @@ def evaluate_checkpoint(args: Args, device: torch.device):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args)
+    keep_freed_memory()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -10,6 +10,7 @@ advantage-weighted regression (Eq. 7):
 Run: python iql.py --dataset-id mujoco/hopper/medium-v0 --expectile 0.7 --temperature 3.0
 """
 
+import ctypes
 import os
 import random
 import resource
@@ -202,7 +203,7 @@ def mlp(in_dim: int, hidden_dims, out_dim: int, dropout: float = 0.0) -> nn.Sequ
 
 
 class TwinQ(nn.Module):
-    """Q1 and Q2 as one network with stacked weights: each layer is a single batched matmul (baddbmm) over both
+    """Q1 and Q2 as one network with stacked weights: each layer is a single batched operation over both
     members instead of two module calls, which halves the per-op overhead that dominates small networks."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims, num_q: int = 2):
@@ -222,10 +223,13 @@ class TwinQ(nn.Module):
         """Returns Q values of shape (num_q, batch)."""
         x = torch.cat([obs, actions], dim=-1).expand(self.num_q, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b, x, w)
             if i < len(self.weights) - 1:
-                x = torch.relu_(x)  # in place: baddbmm's backward needs only its inputs
-        return x.squeeze(-1)
+                x = torch.relu_(torch.baddbmm(b, x, w))  # in place: baddbmm's backward needs only its inputs
+            else:
+                # One output unit as a product and a sum: as a matmul, its input gradient is an outer product that a
+                # CPU's batched GEMM computes several times slower than this elementwise backward.
+                x = (x * w.transpose(1, 2)).sum(-1) + b.squeeze(-1)
+        return x
 
 
 class ValueNet(nn.Module):
@@ -391,6 +395,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
 
 
+def keep_freed_memory():
+    """Every CPU update allocates and frees tensors of several MB (CQL: 31 actions per state through both critics).
+    glibc hands blocks that large back to the kernel on free, so each update page-faults on fresh memory: about a
+    fifth of CQL's CPU update time. Keeping freed blocks in the heap avoids it. glibc only; a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mappings
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of returning it
+
+
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; pass the .pt file a training run saved under runs/<run_name>/")
@@ -434,6 +452,7 @@ def evaluate_checkpoint(args: Args, device: torch.device):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args)
+    keep_freed_memory()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

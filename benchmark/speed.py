@@ -40,6 +40,8 @@ class Args:
     action_dim: int = 3
     cql_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """CQL's hidden sizes (the issue's reduced-budget comparison uses 256 256)"""
+    keep_freed_memory: bool = True
+    """tune glibc's allocator as every script does at start (False: glibc's defaults, as a library would run)"""
 
 
 def training_step(agent, args: Args, device: torch.device, **update_kwargs):
@@ -149,6 +151,10 @@ def matmul_throughput(device: torch.device, n: int) -> float:
 
 def main(args: Args):
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        import iql  # the five scripts share this function
+
+        iql.keep_freed_memory()
     device = torch.device(args.device)
     peak = max(matmul_throughput(device, 256), matmul_throughput(device, 1024))
     print(f"device {device}, {args.threads} thread(s): measured matmul throughput {peak / 1e9:.1f} GFLOP/s")
