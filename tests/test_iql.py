@@ -88,17 +88,24 @@ def test_action_rescaling_round_trips_through_the_box_bounds():
 
 
 def test_twin_q_equals_two_separate_networks():
+    """Values and weight gradients both match two plain MLPs (the output unit is not a matmul in TwinQ)."""
     torch.manual_seed(0)
     q = iql.TwinQ(4, 2, (8, 8))
-    obs, act = torch.randn(5, 4), torch.randn(5, 2)
+    obs, act, upstream = torch.randn(5, 4), torch.randn(5, 2), torch.randn(2, 5)
     out = q(obs, act)
     assert out.shape == (2, 5)
+    (out * upstream).sum().backward()
+    weights = [w.detach().clone().requires_grad_() for w in q.weights]
+    biases = [b.detach().clone().requires_grad_() for b in q.biases]
     for member in range(2):
         x = torch.cat([obs, act], -1)
-        for i, (w, b) in enumerate(zip(q.weights, q.biases)):
+        for i, (w, b) in enumerate(zip(weights, biases)):
             x = x @ w[member] + b[member]
-            x = torch.relu(x) if i < len(q.weights) - 1 else x
+            x = torch.relu(x) if i < len(weights) - 1 else x
         torch.testing.assert_close(out[member], x.squeeze(-1))
+        (x.squeeze(-1) * upstream[member]).sum().backward()
+    for mine, reference in zip([*q.weights, *q.biases], [*weights, *biases]):
+        torch.testing.assert_close(mine.grad, reference.grad)
 
 
 def test_policy_log_prob_is_a_diagonal_gaussian_with_tanh_mean():

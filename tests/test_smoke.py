@@ -2,6 +2,8 @@
 evaluated, then the mistakes a user makes, each of which must end in one clear line and a non-zero exit."""
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,35 @@ def test_user_errors_are_one_line(script, minari_root, tmp_path):
     if script in BAD_ARGS:
         assert_clear_error(run_script(script, *BAD_ARGS[script], cwd=tmp_path), BAD_ARGS[script][0])
     assert not (tmp_path / "runs").exists(), "a refused run must not leave a run folder behind"
+
+
+FAULTS_AFTER_REUSE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+if {tune}:
+    __import__({module!r}).keep_freed_memory()
+def touch():
+    torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, above glibc's largest automatic mmap threshold (32 MB)
+for _ in range(6):  # as in a training loop: the heap settles after a few rounds
+    touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator setting is for glibc on Linux")
+@pytest.mark.parametrize("script", [None, *SCRIPTS])
+def test_freed_memory_is_reused_without_page_faults(script):
+    """glibc's defaults page-fault on every reuse of a large block (the control, script=None); after a script's
+    keep_freed_memory(), a loop that allocates and frees 64 MB settles to reusing the heap without faults."""
+    module = (script or "iql.py").removesuffix(".py")
+    code = FAULTS_AFTER_REUSE.format(root=str(ROOT), tune=script is not None, module=module)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    faults, pages = int(out.stdout.split()[-1]), 6 * 64 * 2**20 // 4096
+    if script is None:
+        assert faults > pages // 2
+    else:
+        assert faults < pages // 20
