@@ -62,7 +62,8 @@ def test_variants_are_named_and_names_are_distinct(tmp_path):
 
     result = dry(": ", "bc: --temperature 0")
     assert result.returncode == 0 and "4 to run" in result.stdout
-    assert sum("--exp-name iql_bc" in line and "--tau 0.01 --temperature 0" in line for line in result.stdout.split("\n")) == 1
+    lines = result.stdout.split("\n")
+    assert sum("--exp-name iql_bc" in line and "--tau 0.01 --temperature 0" in line for line in lines) == 1
     for bad, message in ((("a: --tau 1", "a: --tau 2"), "share the name 'a'"), (("bc --temperature 0",), "NAME: ARGS")):
         result = dry(*bad)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
