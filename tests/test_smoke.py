@@ -119,7 +119,7 @@ print(*faults)
 def test_freed_memory_is_reused_without_page_faults(script):
     """glibc's defaults page-fault on every reuse of a large block (the control, script=None); after a script's
     keep_freed_memory(), a loop that allocates and frees 64 MB reuses the heap without faults."""
-    module = (script or "iql.py").removesuffix(".py")
+    module = script.removesuffix(".py") if script else None
     code = FAULTS_AFTER_REUSE.format(root=str(ROOT), tune=script is not None, module=module)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
