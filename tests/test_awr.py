@@ -84,7 +84,7 @@ def test_fixed_std_is_not_trained_and_learned_std_is():
     learned = awr.AWR(3, 2, awr.Args(hidden_dims=(8,), fixed_std=None, actor_lr=0.1), torch.device("cpu"))
     obs, act, w = torch.randn(16, 3), torch.rand(16, 2) * 2 - 1, torch.ones(16)
     for agent in (fixed, learned):
-        agent.policy_step(obs, act, w)
+        agent.update(obs, act, w)
     torch.testing.assert_close(fixed.actor.log_std, torch.full((2,), math.log(0.4)))
     assert not torch.equal(learned.actor.log_std.detach(), torch.zeros(2))
 
@@ -107,7 +107,7 @@ def test_advantage_weighting_beats_behaviour_cloning_on_a_bandit():
             weights, _, _ = awr.advantage_weights(reward - agent.value(obs), temperature, 20.0, True)
         for _ in range(300):
             idx = torch.randint(2048, (256,), generator=g)
-            agent.policy_step(obs[idx], act[idx], weights[idx])
+            agent.update(obs[idx], act[idx], weights[idx])
         with torch.no_grad():
             chosen = agent.actor(torch.randn(256, 3, generator=g)).clamp(-1, 1)
         return -((chosen - 0.6) ** 2).sum(-1).mean().item()

@@ -69,22 +69,19 @@ def test_transitions_never_cross_an_episode_end():
     np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 11, 12, 13])
     np.testing.assert_array_equal(data["terminals"], [0, 0, 0, 0, 1])  # the truncation is not terminal
     np.testing.assert_allclose(data["episode_returns"], [2.0, 1.5])
+    np.testing.assert_array_equal(data["episode_lengths"], [2, 3])
 
 
 def test_dict_observations_are_flattened_in_the_space_key_order():
+    """The order gymnasium's FlattenObservation uses at evaluation, so the policy sees the same layout there."""
     space = gym.spaces.Dict({"b": gym.spaces.Box(-1, 1, (2,)), "a": gym.spaces.Box(-1, 1, (1,))})
-    obs = {"a": np.array([[1.0], [2.0]]), "b": np.array([[3.0, 4.0], [5.0, 6.0]])}
-    flat = iql.flatten_observations(obs, space)
-    expected = np.stack([gym.spaces.flatten(space, {"a": obs["a"][i], "b": obs["b"][i]}) for i in range(2)])
-    np.testing.assert_array_equal(flat, expected)
-
-
-def test_action_rescaling_round_trips_through_the_box_bounds():
-    low, high = np.array([-2.0, 0.0]), np.array([2.0, 10.0])
-    a = np.array([[-2.0, 0.0], [0.0, 5.0], [2.0, 10.0]])
-    scaled = iql.scale_actions(a, low, high)
-    np.testing.assert_allclose(scaled, [[-1, -1], [0, 0], [1, 1]])
-    np.testing.assert_allclose(iql.unscale_actions(scaled, low, high), a)
+    obs = {"a": np.array([[1.0], [2.0], [0.0]]), "b": np.array([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])}
+    ep = SimpleNamespace(observations=obs, actions=np.zeros((2, 1)), rewards=np.zeros(2),
+                         terminations=np.zeros(2, bool), truncations=np.array([False, True]))
+    data = iql.episodes_to_transitions([ep], space)
+    expected = np.stack([gym.spaces.flatten(space, {"a": obs["a"][i], "b": obs["b"][i]}) for i in range(3)])
+    np.testing.assert_array_equal(data["observations"], expected[:2])
+    np.testing.assert_array_equal(data["next_observations"], expected[1:])
 
 
 def test_twin_q_equals_two_separate_networks():
