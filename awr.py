@@ -9,7 +9,6 @@ On a fixed dataset the "replay buffer" is the whole dataset; beta -> infinity gi
 Run: python awr.py --dataset-id mujoco/hopper/medium-v0 --temperature 1.0
 """
 
-import math
 import os
 import random
 import resource
@@ -41,11 +40,11 @@ class Args:
     download: bool = True
     """let Minari download the dataset if it is not found locally"""
     total_steps: int = 1_000_000
-    """number of policy gradient steps (value steps are counted separately)"""
+    """number of gradient steps"""
     batch_size: int = 256
     """minibatch size"""
     eval_every: int = 5_000
-    """policy gradient steps between evaluations"""
+    """gradient steps between evaluations"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     log_every: int = 1_000
@@ -55,11 +54,13 @@ class Args:
     save_model: bool = True
     """save a checkpoint to runs/{run_name}/{exp_name}.pt at the end"""
     checkpoint: str | None = None
-    """path of a saved checkpoint: evaluate it and exit, training nothing"""
+    """path of a saved checkpoint: evaluate it on its own environment and exit, training nothing"""
     capture_video: bool = False
     """record the first episode of every evaluation to videos/{run_name} (needs moviepy)"""
 
     # Algorithm specific arguments
+    discount: float = 0.99
+    """discount factor gamma"""
     actor_lr: float = 5e-5
     """policy learning rate (SGD with momentum, as in the original code)"""
     value_lr: float = 0.01
@@ -68,8 +69,6 @@ class Args:
     """SGD momentum of both optimizers"""
     hidden_dims: tuple[int, ...] = (128, 64)
     """hidden layer sizes of the policy and value networks"""
-    discount: float = 0.99
-    """discount factor gamma"""
     td_lambda: float = 0.95
     """lambda of the TD(lambda) returns that V is fitted to"""
     temperature: float = 1.0
@@ -79,7 +78,7 @@ class Args:
     normalize_advantages: bool = True
     """standardize advantages over the dataset before weighting (the original code does)"""
     value_steps: int = 200
-    """value-function gradient steps per iteration"""
+    """value-function gradient steps per iteration, on top of the total_steps policy steps"""
     policy_steps: int = 1000
     """policy gradient steps per iteration"""
     fixed_std: float | None = 0.4
@@ -91,7 +90,8 @@ class Args:
 # ---- Data ------------------------------------------------------------------------------------------------------------
 def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
     """s = obs[:-1] and s' = obs[1:] inside each episode (no pair crosses an episode end); only terminations stop
-    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order."""
+    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order.
+    load_data (in the harness) then rescales actions to [-1, 1] and standardizes observations."""
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     for ep in episodes:
         obs = ep.observations
@@ -107,35 +107,6 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
             "episode_lengths": np.array([len(r) for r in parts["rewards"]])}
 
 
-def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
-    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
-    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
-    dataset = load_minari(args.dataset_id, args.download)
-    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
-    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
-    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
-    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    if not args.normalize_states:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
-    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
-            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
-            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
-    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
-        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
-        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
-    return data, task
-
-
-def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
-    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
-    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
-    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
-    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
-               (t("next_observations") - mean) / std, t("terminals")[:, None]]
-    return torch.cat(columns, 1), [c.shape[1] for c in columns]
-
-
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
@@ -145,29 +116,17 @@ def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
 
 # ---- Networks --------------------------------------------------------------------------------------------------------
 def mlp(in_dim: int, hidden_dims, out_dim: int) -> nn.Sequential:
+    """ReLU layers initialized as the original code (TensorFlow's default): Glorot-uniform weights, zero biases."""
     layers, d = [], in_dim
     for h in hidden_dims:
         layers += [nn.Linear(d, h), nn.ReLU(inplace=True)]
         d = h
     layers.append(nn.Linear(d, out_dim))
-    for m in layers:  # TensorFlow's default (Glorot) init, which the original code uses
+    for m in layers:
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
-
-
-class ValueNet(nn.Module):
-    """V(s) = f(s) / (1 - gamma): the network works on the scale of a per-step reward, as the original's value
-    normalizer arranges, so one learning rate suits any discount."""
-
-    def __init__(self, obs_dim: int, hidden_dims, discount: float):
-        super().__init__()
-        self.net = mlp(obs_dim, hidden_dims, 1)
-        self.scale = 1.0 / (1.0 - discount)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs).squeeze(-1) * self.scale
 
 
 class GaussianPolicy(nn.Module):
@@ -178,15 +137,16 @@ class GaussianPolicy(nn.Module):
         super().__init__()
         self.net = mlp(obs_dim, hidden_dims, action_dim)
         nn.init.uniform_(self.net[-1].weight, -0.01, 0.01)  # the original's small initial output scale
-        self.log_std = nn.Parameter(torch.full((action_dim,), math.log(fixed_std or 1.0)),
+        self.log_std = nn.Parameter(torch.full((action_dim,), np.log(fixed_std or 1.0)),
                                     requires_grad=fixed_std is None)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs)
 
     def log_prob(self, mean: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        z = (actions - mean) * torch.exp(-self.log_std)
-        return (-0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_std = self.log_std
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
 
 
 # ---- The algorithm: losses (paper equations), then the agent and its update -----------------------------------------
@@ -230,12 +190,15 @@ def action_bound_penalty(mean: torch.Tensor) -> torch.Tensor:
     return 0.5 * violation.sum(-1).mean()
 
 
-class AWR(nn.Module):
+class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args, device: torch.device):
         super().__init__()
         self.args = args
         self.actor = GaussianPolicy(obs_dim, action_dim, args.hidden_dims, args.fixed_std)
-        self.value = ValueNet(obs_dim, args.hidden_dims, args.discount)
+        self.value = nn.Sequential(mlp(obs_dim, args.hidden_dims, 1), nn.Flatten(0))  # V(s) * (1 - gamma)
+        # The network works on the scale of a per-step reward, as the original's value normalizer arranges, so one
+        # learning rate suits any discount.
+        self.value_scale = 1.0 / (1.0 - args.discount)
         self.to(device)
         self.actor_opt = torch.optim.SGD([p for p in self.actor.parameters() if p.requires_grad], lr=args.actor_lr,
                                          momentum=args.momentum)
@@ -245,9 +208,9 @@ class AWR(nn.Module):
     def returns(self, episodes: dict, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
         """V(s) and the TD(lambda) returns under the current V, for the whole dataset. Inside an episode s' is the
         next transition's s, so V(s') is V(s) shifted by one; only each episode's final s' needs its own pass."""
-        v = torch.cat([self.value(x) for x in episodes["observations"].split(chunk)])
+        v = torch.cat([self.value(x) * self.value_scale for x in episodes["observations"].split(chunk)])
         v_next = torch.roll(v, -1)
-        v_next[episodes["ends"].bool()] = self.value(episodes["final_observations"])
+        v_next[episodes["ends"].bool()] = self.value(episodes["final_observations"]) * self.value_scale
         returns = td_lambda_returns(episodes["rewards"], v_next, episodes["terminals"], episodes["ends"],
                                     episodes["episode"], episodes["position"], episodes["grid"], self.args.discount,
                                     self.args.td_lambda)
@@ -277,11 +240,11 @@ class AWR(nn.Module):
 
     def value_step(self, obs, targets) -> torch.Tensor:
         # The original's 0.5 * MSE on the normalized scale, i.e. on V * (1 - gamma).
-        loss = 0.5 * ((targets - self.value(obs)) / self.value.scale).pow(2).mean()
+        value_loss = 0.5 * ((targets - self.value(obs) * self.value_scale) / self.value_scale).pow(2).mean()
         self.value_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value_loss.backward()
         self.value_opt.step()
-        return loss.detach()
+        return value_loss.detach()
 
     def update(self, obs, actions, weights) -> dict:
         """One advantage-weighted regression step of the policy onto the data's actions (Alg. 1's actor step)."""
@@ -382,6 +345,35 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     return dataset
 
 
+def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
+    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
+    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
+    dataset = load_minari(args.dataset_id, args.download)
+    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
+    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
+    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    if not args.normalize_states:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
+    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
+            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
+            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
+    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
+        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
+        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
+    return data, task
+
+
+def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
+    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
+    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
+    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
+    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
+               (t("next_observations") - mean) / std, t("terminals")[:, None]]
+    return torch.cat(columns, 1), [c.shape[1] for c in columns]
+
+
 def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     """Everything --checkpoint needs to rebuild the policy and evaluate it: the networks, the arguments, the task."""
     torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(),
@@ -390,12 +382,12 @@ def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     print(f"saved {path}")
 
 
-def evaluate_checkpoint(args: Args, make_agent, device: torch.device):
+def evaluate_checkpoint(args: Args, device: torch.device):
     """--checkpoint: the saved agent on its own environment (--eval-episodes, --seed and --capture-video apply)."""
     try:
         ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
         task, saved = ckpt["task"], Args(**{**ckpt["args"], "checkpoint": None})
-        agent = make_agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
+        agent = Agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
         agent.load_state_dict(ckpt["agent"])
     except Exception as e:  # no such file, not a checkpoint, or another script's
         fail(f"could not load checkpoint '{args.checkpoint}' ({type(e).__name__}): pass a .pt file that "
@@ -416,7 +408,7 @@ if __name__ == "__main__":
         f"--temperature must be > 0, got {args.temperature} (1e6 gives behaviour cloning)": args.temperature > 0,
         f"--td-lambda must lie in [0, 1], got {args.td_lambda}": 0.0 <= args.td_lambda <= 1.0,
         f"--discount must lie in [0, 1), got {args.discount}": 0.0 <= args.discount < 1.0,
-        f"--fixed-std must be > 0 (or None to learn it), got {args.fixed_std}": args.fixed_std is None or args.fixed_std > 0,
+        f"--fixed-std must be > 0 (None learns it), got {args.fixed_std}": args.fixed_std is None or args.fixed_std > 0,
         "--value-steps and --policy-steps must be >= 1": min(args.value_steps, args.policy_steps) >= 1,
     })
     random.seed(args.seed)
@@ -425,7 +417,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.checkpoint:
-        sys.exit(evaluate_checkpoint(args, AWR, device))
+        sys.exit(evaluate_checkpoint(args, device))
 
     data, task = load_data(args, device)
     table, split = transition_table(data, task)
@@ -446,7 +438,7 @@ if __name__ == "__main__":
     hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
-    agent = AWR(split[0], split[1], args, device)
+    agent = Agent(split[0], split[1], args, device)
     scores, eval_time, interval_steps = [], 0.0, 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):

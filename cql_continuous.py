@@ -53,15 +53,19 @@ class Args:
     log_every: int = 1_000
     """gradient steps between loss logs"""
     normalize_states: bool = True
-    """z-score observations with dataset statistics (CORL's choice; the official CQL code does not)"""
+    """z-score observations with dataset statistics (CORL's choice; the official code does not)"""
     save_model: bool = True
     """save a checkpoint to runs/{run_name}/{exp_name}.pt at the end"""
     checkpoint: str | None = None
-    """path of a saved checkpoint: evaluate it and exit, training nothing"""
+    """path of a saved checkpoint: evaluate it on its own environment and exit, training nothing"""
     capture_video: bool = False
     """record the first episode of every evaluation to videos/{run_name} (needs moviepy)"""
 
     # Algorithm specific arguments
+    discount: float = 0.99
+    """discount factor gamma"""
+    tau: float = 0.005
+    """target-network smoothing coefficient"""
     actor_lr: float = 1e-4
     """policy learning rate (official code 1e-4; CORL uses 3e-5)"""
     critic_lr: float = 3e-4
@@ -70,10 +74,6 @@ class Args:
     """learning rate of the SAC entropy temperature (the official code uses the policy's)"""
     hidden_dims: tuple[int, ...] = (256, 256, 256)
     """hidden layer sizes of the policy and Q networks (official: three layers of 256)"""
-    discount: float = 0.99
-    """discount factor gamma"""
-    tau: float = 0.005
-    """target-network smoothing coefficient"""
     target_entropy: float | None = None
     """SAC's entropy target; None gives -|A|"""
     cql_alpha: float = 5.0
@@ -101,7 +101,8 @@ class Args:
 # ---- Data ------------------------------------------------------------------------------------------------------------
 def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
     """s = obs[:-1] and s' = obs[1:] inside each episode (no pair crosses an episode end); only terminations stop
-    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order."""
+    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order.
+    load_data (in the harness) then rescales actions to [-1, 1] and standardizes observations."""
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     for ep in episodes:
         obs = ep.observations
@@ -117,35 +118,6 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
             "episode_lengths": np.array([len(r) for r in parts["rewards"]])}
 
 
-def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
-    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
-    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
-    dataset = load_minari(args.dataset_id, args.download)
-    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
-    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
-    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
-    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    if not args.normalize_states:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
-    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
-            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
-            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
-    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
-        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
-        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
-    return data, task
-
-
-def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
-    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
-    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
-    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
-    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
-               (t("next_observations") - mean) / std, t("terminals")[:, None]]
-    return torch.cat(columns, 1), [c.shape[1] for c in columns]
-
-
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
@@ -156,26 +128,23 @@ def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
 # ---- Networks --------------------------------------------------------------------------------------------------------
 class TwinQ(nn.Module):
     """Q1 and Q2 as one network with stacked weights: each layer is a single batched operation over both
-    members. CQL evaluates 31 actions per state, so this one call carries almost all of the update's arithmetic."""
+    members instead of two module calls, which halves the per-op overhead that dominates small networks."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims, num_q: int = 2):
         super().__init__()
         dims = [obs_dim + action_dim, *hidden_dims, 1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            # nn.Linear's default init per member; the output layer starts near zero, as rlkit's Q networks do.
-            bound = 3e-3 if i == len(dims) - 2 else 1 / math.sqrt(d_in)
+            bound = 3e-3 if i == len(dims) - 2 else 1 / math.sqrt(d_in)  # nn.Linear's default; rlkit's small output
             self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
         self.num_q = num_q
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
-        """Q values of shape (num_q, batch). With detach_params, gradients reach the actions but not the weights:
-        the policy's loss must not train the critic."""
+        """(num_q, batch) values. detach_params: gradients reach the actions, not the weights (the policy's loss)."""
         x = torch.cat([obs, actions], dim=-1).expand(self.num_q, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            if detach_params:
-                w, b = w.detach(), b.detach()
+            w, b = (w.detach(), b.detach()) if detach_params else (w, b)
             if i < len(self.weights) - 1:
                 x = torch.relu_(torch.baddbmm(b, x, w))  # in place: baddbmm's backward needs only its inputs
             else:
@@ -186,17 +155,13 @@ class TwinQ(nn.Module):
 
 
 class TanhGaussianPolicy(nn.Module):
-    """SAC's policy: a = tanh(u), u ~ N(mu(s), sigma(s)), log-std clamped to [-5, 2] as in the official code.
-    Evaluation acts with tanh(mu)."""
+    """SAC's policy: a = tanh(u), u ~ N(mu(s), sigma(s)), log-std clamped to [-5, 2] as in the official code."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims):
         super().__init__()
-        layers, d = [], obs_dim
-        for h in hidden_dims:
-            layers += [nn.Linear(d, h), nn.ReLU(inplace=True)]
-            d = h
-        self.trunk = nn.Sequential(*layers)
-        self.head = nn.Linear(d, 2 * action_dim)  # mean and log-std
+        layers = [nn.Linear(d_in, d_out) for d_in, d_out in zip([obs_dim, *hidden_dims], hidden_dims)]
+        self.trunk = nn.Sequential(*[m for linear in layers for m in (linear, nn.ReLU(inplace=True))])
+        self.head = nn.Linear(hidden_dims[-1], 2 * action_dim)  # mean and log-std
         nn.init.uniform_(self.head.weight, -1e-3, 1e-3)
         nn.init.uniform_(self.head.bias, -1e-3, 1e-3)
 
@@ -204,14 +169,10 @@ class TanhGaussianPolicy(nn.Module):
         mean, log_std = self.head(self.trunk(obs)).chunk(2, dim=-1)
         return mean, log_std.clamp(-5.0, 2.0)
 
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self(obs)[0])
-
 
 def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor, n: int | None = None):
-    """Reparameterized samples a = tanh(mean + std * eps) and their log-density. With n, draws n actions per state
-    from one network pass (shape (batch, n, A)); the official code re-runs the network on n copies of each state,
-    which gives the same distribution at n times the cost."""
+    """Reparameterized samples a = tanh(mean + std * eps) and their log-density; with n, n actions per state (batch,
+    n, A) from one network pass (the official code re-runs the network on n copies of each state: n times the cost)."""
     if n is not None:
         mean, log_std = mean.unsqueeze(1).expand(-1, n, -1), log_std.unsqueeze(1).expand(-1, n, -1)
     u = mean + log_std.exp() * torch.randn_like(mean)
@@ -232,11 +193,10 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: t
 # ---- The algorithm: losses (paper equations), then the agent and its update -----------------------------------------
 def cql_logsumexp(q_rand, q_pi, q_pi_next, q_data, action_dim: int, log_pi, log_pi_next, temp: float,
                   importance_sampling: bool) -> torch.Tensor:
-    """The soft maximum of Q over actions at each state, log sum_a exp(Q(s, a) / temp) * temp (Eq. 4's first term).
-    q_rand, q_pi, q_pi_next: (num_q, batch, n) values at s of uniform actions, pi(s) actions and pi(s') actions.
-    With importance sampling (Appendix F) each sample is divided by its proposal density: uniform on [-1, 1]^d has
-    log-density d * log(0.5), a policy sample its log pi; the data action is left out. Without it (official version 2)
-    the 3n samples and the data action enter unweighted. Returns (num_q, batch)."""
+    """Eq. 4's first term, log sum_a exp(Q(s, a) / temp) * temp per state, from (num_q, batch, n) values at s of
+    uniform (q_rand), pi(s) (q_pi) and pi(s') (q_pi_next) actions. With importance sampling (Appendix F) each is
+    divided by its proposal density (uniform on [-1, 1]^d: d * log(0.5); a policy sample: its log pi) and the data
+    action is left out; without it (official version 2) the 3n samples and the data action enter unweighted."""
     if importance_sampling:
         cat = torch.cat([q_rand - action_dim * math.log(0.5), q_pi_next - log_pi_next, q_pi - log_pi], dim=-1)
     else:
@@ -245,18 +205,17 @@ def cql_logsumexp(q_rand, q_pi, q_pi_next, q_data, action_dim: int, log_pi, log_
 
 
 def sac_target(rewards, terminals, next_q, discount: float, alpha=None, next_log_pi=None) -> torch.Tensor:
-    """r + gamma * (1 - terminal) * (min_i Q_target_i(s', a') [- alpha * log pi(a'|s')]). CQL's official code drops
-    the entropy term (a deterministic backup) unless asked for it."""
+    """r + gamma * (1 - terminal) * (min_i Q_target_i(s', a') [- alpha * log pi(a'|s')]): official CQL drops the
+    entropy term (a deterministic backup) unless asked for it."""
     if alpha is not None:
         next_q = next_q - alpha * next_log_pi
     return rewards + discount * (1.0 - terminals) * next_q
 
 
-class CQL(nn.Module):
+class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args, device: torch.device):
         super().__init__()
         self.args = args
-        self.action_dim = action_dim
         self.actor = TanhGaussianPolicy(obs_dim, action_dim, args.hidden_dims)
         self.critic = TwinQ(obs_dim, action_dim, args.hidden_dims)
         self.target_critic = TwinQ(obs_dim, action_dim, args.hidden_dims)
@@ -266,21 +225,21 @@ class CQL(nn.Module):
         self.log_alpha = nn.Parameter(torch.zeros(1))
         self.log_alpha_prime = nn.Parameter(torch.zeros(1))
         self.to(device)
-        # fused: one kernel per optimizer instead of a loop over parameters.
+        # fused: one kernel per optimizer instead of a loop over parameters (about 8% more updates/s on a CPU).
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
         self.alpha_prime_opt = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)
         self.steps = 0
+        self.online, self.targets = list(self.critic.parameters()), list(self.target_critic.parameters())
 
     def losses(self, obs, actions, rewards, next_obs, terminals, policy_sample=None) -> dict:
-        """Every loss of one step, as tensors with their graphs: the policy's (SAC, or the BC warm start), the critic's
-        (Bellman error plus the conservative term) and alpha''s. All sampled actions and their log-probs enter the
-        critic's loss detached. policy_sample = (mean, log_std, action, log_pi) of pi(.|s), drawn here if not given."""
-        a, n, batch = self.args, self.args.cql_n_actions, obs.shape[0]
-        mean, log_std, new_actions, log_pi = policy_sample or (*self.actor(obs), None, None)
-        if new_actions is None:
-            new_actions, log_pi = sample_tanh_gaussian(mean, log_std)
+        """The step's losses with their graphs: the policy's (SAC, or the BC warm start), the critic's (Bellman error
+        plus the conservative term, sampled actions and log-probs detached) and alpha''s; policy_sample = (mean,
+        log_std, action, log_pi) of pi(.|s), drawn here if not given."""
+        a, n, (batch, action_dim) = self.args, self.args.cql_n_actions, actions.shape
+        mean, log_std = policy_sample[:2] if policy_sample else self.actor(obs)
+        new_actions, log_pi = policy_sample[2:] if policy_sample else sample_tanh_gaussian(mean, log_std)
         alpha = self.log_alpha.detach().exp()
 
         # The policy maximizes min Q - alpha * log pi (SAC); the critic's weights are detached so this loss trains the
@@ -305,7 +264,7 @@ class CQL(nn.Module):
                                   alpha if a.backup_entropy and not a.max_q_backup else None, next_log_pi)
 
             # Proposal actions for the log-sum-exp, all evaluated at s: uniform, pi(s) and pi(s').
-            rand_actions = torch.empty(batch, n, self.action_dim, device=obs.device).uniform_(-1, 1)
+            rand_actions = torch.empty(batch, n, action_dim, device=obs.device).uniform_(-1, 1)
             pi_actions, pi_log_pi = sample_tanh_gaussian(mean.detach(), log_std.detach(), n)
             pi_next_actions, pi_next_log_pi = sample_tanh_gaussian(next_mean, next_log_std, n)
 
@@ -316,8 +275,8 @@ class CQL(nn.Module):
         q_data, q_rand, q_pi, q_pi_next = q_all[..., 0], *q_all[..., 1:].split(n, dim=-1)
         # Each member's plain MSE, as the official code has it (no 1/2: it sets the scale cql_alpha is tuned against).
         bellman = (q_data - q_target).pow(2).mean(1).sum()
-        logsumexp = cql_logsumexp(q_rand, q_pi, q_pi_next, q_data, self.action_dim, pi_log_pi, pi_next_log_pi,
-                                  a.cql_temp, a.importance_sampling)
+        logsumexp = cql_logsumexp(q_rand, q_pi, q_pi_next, q_data, action_dim, pi_log_pi, pi_next_log_pi, a.cql_temp,
+                                  a.importance_sampling)
         gap = (logsumexp - q_data).mean(1)  # per Q network: soft max over actions minus the value of the data's
         conservative = a.cql_alpha * gap
         if a.lagrange_gap > 0:
@@ -326,15 +285,18 @@ class CQL(nn.Module):
             alpha_prime_loss = -(alpha_prime * (conservative.detach() - a.lagrange_gap)).mean()
             conservative = alpha_prime.detach() * (conservative - a.lagrange_gap)
         else:
-            alpha_prime, alpha_prime_loss = torch.ones_like(self.log_alpha_prime), torch.zeros((), device=obs.device)
-        return {"policy_loss": policy_loss, "critic_loss": bellman + conservative.sum(), "bellman": bellman,
-                "conservative": conservative.sum(), "alpha_prime_loss": alpha_prime_loss, "alpha_prime": alpha_prime,
-                "alpha": alpha, "log_pi": log_pi, "q_data": q_data, "q_rand": q_rand, "q_pi": q_pi,
-                "logsumexp": logsumexp, "gap": gap, "q_target": q_target}
+            alpha_prime, alpha_prime_loss = torch.ones_like(self.log_alpha_prime), obs.new_zeros(())
+        # The three losses with their graphs, then the step's diagnostics under their logging tags.
+        conservative = conservative.sum()
+        return {"policy_loss": policy_loss, "critic_loss": bellman + conservative, "conservative": conservative,
+                "alpha_prime_loss": alpha_prime_loss, "gap": gap, "losses/bellman_loss": bellman.detach(),
+                "losses/alpha": alpha.squeeze(), "losses/alpha_prime": alpha_prime.detach().squeeze(),
+                "values/q_data": q_data.detach().mean(), "values/q_random": q_rand.detach().mean(),
+                "values/q_policy": q_pi.detach().mean(), "values/q_ood": logsumexp.detach().mean(),
+                "values/cql_gap": gap.detach().mean(), "values/q_target": q_target.mean()}
 
     def update(self, obs, actions, rewards, next_obs, terminals) -> dict:
-        """One step on alpha, then the policy, the critics and alpha', in the official trainer's order. Returns
-        detached tensors only: reading them (a host sync) is left to the caller at log time."""
+        """One step on alpha, then the policy, the critics and alpha', in the official trainer's order."""
         # SAC's temperature first, towards the entropy target; the policy's loss then uses the updated alpha.
         mean, log_std = self.actor(obs)
         new_actions, log_pi = sample_tanh_gaussian(mean, log_std)
@@ -355,29 +317,20 @@ class CQL(nn.Module):
         if self.args.lagrange_gap > 0:
             self.alpha_prime_opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), self.args.tau)
+            torch._foreach_lerp_(self.targets, self.online, self.args.tau)
         self.steps += 1
-
         return {
             "losses/critic_loss": out["critic_loss"].detach(),
-            "losses/bellman_loss": out["bellman"].detach(),
+            "losses/actor_loss": out["policy_loss"].detach(),
             "losses/cql_loss": out["conservative"].detach(),
-            "losses/policy_loss": out["policy_loss"].detach(),
             "losses/alpha_loss": alpha_loss.detach(),
-            "losses/alpha": out["alpha"].squeeze(),
-            "losses/alpha_prime": out["alpha_prime"].detach().squeeze(),
-            "values/q_data": out["q_data"].detach().mean(),
-            "values/q_random": out["q_rand"].detach().mean(),
-            "values/q_policy": out["q_pi"].detach().mean(),
-            "values/q_ood": out["logsumexp"].detach().mean(),
-            "values/cql_gap": out["gap"].detach().mean(),
-            "values/q_target": out["q_target"].mean(),
             "values/entropy": -log_pi.detach().mean(),
+            **{k: v for k, v in out.items() if "/" in k},
         }
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Evaluation acts with the mean action, tanh(mu)."""
-        return self.actor.act(obs)
+        return torch.tanh(self.actor(obs)[0])
 
 
 # ---- Evaluation ------------------------------------------------------------------------------------------------------
@@ -463,6 +416,35 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     return dataset
 
 
+def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
+    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
+    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
+    dataset = load_minari(args.dataset_id, args.download)
+    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
+    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
+    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    if not args.normalize_states:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
+    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
+            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
+            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
+    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
+        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
+        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
+    return data, task
+
+
+def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
+    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
+    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
+    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
+    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
+               (t("next_observations") - mean) / std, t("terminals")[:, None]]
+    return torch.cat(columns, 1), [c.shape[1] for c in columns]
+
+
 def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     """Everything --checkpoint needs to rebuild the policy and evaluate it: the networks, the arguments, the task."""
     torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(),
@@ -471,12 +453,12 @@ def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     print(f"saved {path}")
 
 
-def evaluate_checkpoint(args: Args, make_agent, device: torch.device):
+def evaluate_checkpoint(args: Args, device: torch.device):
     """--checkpoint: the saved agent on its own environment (--eval-episodes, --seed and --capture-video apply)."""
     try:
         ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
         task, saved = ckpt["task"], Args(**{**ckpt["args"], "checkpoint": None})
-        agent = make_agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
+        agent = Agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
         agent.load_state_dict(ckpt["agent"])
     except Exception as e:  # no such file, not a checkpoint, or another script's
         fail(f"could not load checkpoint '{args.checkpoint}' ({type(e).__name__}): pass a .pt file that "
@@ -491,14 +473,12 @@ def evaluate_checkpoint(args: Args, make_agent, device: torch.device):
 
 
 def keep_freed_memory():
-    """Every CPU update allocates and frees tensors of several MB (CQL: 31 actions per state through both critics).
-    glibc hands blocks that large back to the kernel on free, so each update page-faults on fresh memory: about a
-    fifth of CQL's CPU update time. Keeping freed blocks in the heap avoids it. glibc only; a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
+    """CQL's updates and MOPO's rollouts allocate and free tensors of many MB, which glibc hands back to the kernel on
+    free, so the next step page-faults on fresh memory. Kept in the heap, they are reused: on one CPU thread CQL's
+    update ran 1.2-1.5x and MOPO's rollout 1.7x as fast (IQL, AWR and BCQ gain nothing). glibc only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    except OSError:  # not glibc (macOS, Windows, musl): nothing to tune
         return
     libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mappings
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of returning it
@@ -508,12 +488,10 @@ def keep_freed_memory():
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args, {
-        f"--cql-alpha must be >= 0, got {args.cql_alpha} (the paper uses 5 or 10)": args.cql_alpha >= 0,
-        f"--cql-n-actions must be >= 1, got {args.cql_n_actions}": args.cql_n_actions >= 1,
-        f"--cql-temp must be > 0, got {args.cql_temp}": args.cql_temp > 0,
-        f"--lagrange-gap must be >= 0 (0 turns the Lagrange variant off), got {args.lagrange_gap}": args.lagrange_gap >= 0,
         f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
-        f"--bc-steps must be >= 0, got {args.bc_steps}": args.bc_steps >= 0,
+        f"--cql-alpha must be >= 0, got {args.cql_alpha} (the paper: 5 or 10)": args.cql_alpha >= 0,
+        "--cql-n-actions must be >= 1 and --cql-temp > 0": args.cql_n_actions >= 1 and args.cql_temp > 0,
+        "--lagrange-gap (0: off) and --bc-steps must be >= 0": min(args.lagrange_gap, args.bc_steps) >= 0,
     })
     keep_freed_memory()
     random.seed(args.seed)
@@ -522,7 +500,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.checkpoint:
-        sys.exit(evaluate_checkpoint(args, CQL, device))
+        sys.exit(evaluate_checkpoint(args, device))
 
     data, task = load_data(args, device)
     table, split = transition_table({**data, "rewards": data["rewards"] * args.reward_scale + args.reward_bias}, task)
@@ -534,7 +512,7 @@ if __name__ == "__main__":
     hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
-    agent = CQL(split[0], split[1], args, device)
+    agent = Agent(split[0], split[1], args, device)
     scores, eval_time, interval_steps = [], 0.0, 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):

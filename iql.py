@@ -51,7 +51,7 @@ class Args:
     log_every: int = 1_000
     """gradient steps between loss logs"""
     normalize_states: bool = True
-    """z-score observations with dataset statistics (CORL's choice; the official IQL code does not)"""
+    """z-score observations with dataset statistics (CORL's choice; the official code does not)"""
     save_model: bool = True
     """save a checkpoint to runs/{run_name}/{exp_name}.pt at the end"""
     checkpoint: str | None = None
@@ -60,6 +60,10 @@ class Args:
     """record the first episode of every evaluation to videos/{run_name} (needs moviepy)"""
 
     # Algorithm specific arguments
+    discount: float = 0.99
+    """discount factor gamma"""
+    tau: float = 0.005
+    """target-network smoothing coefficient"""
     actor_lr: float = 3e-4
     """actor learning rate (decayed to 0 by a cosine schedule over total_steps)"""
     critic_lr: float = 3e-4
@@ -68,10 +72,6 @@ class Args:
     """learning rate of V"""
     hidden_dims: tuple[int, ...] = (256, 256)
     """hidden layer sizes of every network"""
-    discount: float = 0.99
-    """discount factor gamma"""
-    tau: float = 0.005
-    """target-network smoothing coefficient"""
     expectile: float = 0.7
     """expectile tau of the value loss, in (0, 1): 0.5 is a mean, towards 1 a max (locomotion 0.7, AntMaze 0.9)"""
     temperature: float = 3.0
@@ -89,7 +89,8 @@ class Args:
 # ---- Data ------------------------------------------------------------------------------------------------------------
 def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
     """s = obs[:-1] and s' = obs[1:] inside each episode (no pair crosses an episode end); only terminations stop
-    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order."""
+    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order.
+    load_data (in the harness) then rescales actions to [-1, 1] and standardizes observations."""
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     for ep in episodes:
         obs = ep.observations
@@ -105,35 +106,6 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
             "episode_lengths": np.array([len(r) for r in parts["rewards"]])}
 
 
-def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
-    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
-    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
-    dataset = load_minari(args.dataset_id, args.download)
-    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
-    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
-    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
-    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    if not args.normalize_states:
-        mean, std = np.zeros_like(mean), np.ones_like(std)
-    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
-    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
-            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
-            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
-    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
-        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
-        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
-    return data, task
-
-
-def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
-    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
-    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
-    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
-    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
-               (t("next_observations") - mean) / std, t("terminals")[:, None]]
-    return torch.cat(columns, 1), [c.shape[1] for c in columns]
-
-
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
@@ -143,12 +115,12 @@ def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
 
 # ---- Networks --------------------------------------------------------------------------------------------------------
 def mlp(in_dim: int, hidden_dims, out_dim: int, dropout: float = 0.0) -> nn.Sequential:
+    """ReLU layers initialized as the official code does: orthogonal weights with gain sqrt(2), zero biases."""
     layers, d = [], in_dim
     for h in hidden_dims:
         layers += [nn.Linear(d, h), nn.ReLU(inplace=True)] + ([nn.Dropout(dropout)] if dropout > 0 else [])
         d = h
     layers.append(nn.Linear(d, out_dim))
-    # The official code initializes every layer orthogonally with gain sqrt(2) and zero biases.
     for m in layers:
         if isinstance(m, nn.Linear):
             nn.init.orthogonal_(m.weight, gain=np.sqrt(2))
@@ -197,8 +169,7 @@ class GaussianPolicy(nn.Module):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs))
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        mean = self(obs)
+    def log_prob(self, mean: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         log_std = self.log_std.clamp(-5.0, 2.0)
         z = (actions - mean) * torch.exp(-log_std)
         return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
@@ -221,13 +192,7 @@ def td_target(rewards: torch.Tensor, terminals: torch.Tensor, next_v: torch.Tens
     return rewards + discount * (1.0 - terminals) * next_v
 
 
-def reward_scale(episode_returns: np.ndarray) -> float:
-    """The official locomotion setting: rewards * 1000 / (max episode return - min episode return)."""
-    spread = float(np.max(episode_returns) - np.min(episode_returns)) if len(episode_returns) > 1 else 0.0
-    return 1000.0 / spread if spread > 0 else 1.0
-
-
-class IQL(nn.Module):
+class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_dim: int, args: Args, device: torch.device):
         super().__init__()
         self.args = args
@@ -238,11 +203,12 @@ class IQL(nn.Module):
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.to(device)
-        # fused: one kernel per optimizer instead of a loop over parameters (8% more updates/s on a CPU).
+        # fused: one kernel per optimizer instead of a loop over parameters (about 8% more updates/s on a CPU).
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=args.value_lr, fused=True)
         self.actor_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_opt, T_max=args.total_steps)
+        self.online, self.targets = list(self.critic.parameters()), list(self.target_critic.parameters())
 
     def update(self, obs, actions, rewards, next_obs, terminals) -> dict:
         """One gradient step on V, then the actor and Q, in the official code's order. Returns detached tensors only:
@@ -268,25 +234,25 @@ class IQL(nn.Module):
         # (3) Advantage-weighted regression (Eq. 7) and the Q regression (Eq. 6). The two losses share no parameters,
         # so one backward pass through their sum gives each network exactly its own gradient.
         self.actor.train()  # dropout on: act() turned it off for evaluation
-        actor_loss = -(weights * self.actor.log_prob(obs, actions)).mean()
+        actor_loss = -(weights * self.actor.log_prob(self.actor(obs), actions)).mean()
         q = self.critic(obs, actions)
         critic_loss = (q - q_target).pow(2).mean(1).sum()  # the official sum of both members' MSE
-        self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
+        self.actor_opt.zero_grad(set_to_none=True)
         (actor_loss + critic_loss).backward()
-        self.actor_opt.step()
         self.critic_opt.step()
+        self.actor_opt.step()
         self.actor_schedule.step()
 
-        # (4) Polyak averaging of the target Q networks.
+        # (4) Polyak averaging of the target networks.
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.target_critic.parameters()), list(self.critic.parameters()), a.tau)
+            torch._foreach_lerp_(self.targets, self.online, a.tau)
 
         return {
-            "losses/value_loss": value_loss.detach(),
-            "losses/actor_loss": actor_loss.detach(),
             "losses/critic_loss": critic_loss.detach(),
+            "losses/actor_loss": actor_loss.detach(),
             "values/q_data": q.detach().mean(),
+            "losses/value_loss": value_loss.detach(),
             "values/v": v.detach().mean(),
             "values/advantage_mean": advantage.mean(),
             "values/advantage_std": advantage.std(),
@@ -383,6 +349,35 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     return dataset
 
 
+def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
+    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
+    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
+    dataset = load_minari(args.dataset_id, args.download)
+    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
+    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
+    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    if not args.normalize_states:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
+    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
+            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
+            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
+    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
+        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
+        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
+    return data, task
+
+
+def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
+    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
+    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
+    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
+    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
+               (t("next_observations") - mean) / std, t("terminals")[:, None]]
+    return torch.cat(columns, 1), [c.shape[1] for c in columns]
+
+
 def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     """Everything --checkpoint needs to rebuild the policy and evaluate it: the networks, the arguments, the task."""
     torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(),
@@ -391,12 +386,12 @@ def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     print(f"saved {path}")
 
 
-def evaluate_checkpoint(args: Args, make_agent, device: torch.device):
+def evaluate_checkpoint(args: Args, device: torch.device):
     """--checkpoint: the saved agent on its own environment (--eval-episodes, --seed and --capture-video apply)."""
     try:
         ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
         task, saved = ckpt["task"], Args(**{**ckpt["args"], "checkpoint": None})
-        agent = make_agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
+        agent = Agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
         agent.load_state_dict(ckpt["agent"])
     except Exception as e:  # no such file, not a checkpoint, or another script's
         fail(f"could not load checkpoint '{args.checkpoint}' ({type(e).__name__}): pass a .pt file that "
@@ -414,9 +409,9 @@ def evaluate_checkpoint(args: Args, make_agent, device: torch.device):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args, {
+        f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
         f"--expectile must lie in (0, 1), got {args.expectile} (locomotion: 0.7, AntMaze: 0.9)": 0 < args.expectile < 1,
         f"--temperature must be >= 0, got {args.temperature}": args.temperature >= 0,
-        f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
         f"--dropout must lie in [0, 1), got {args.dropout}": 0.0 <= args.dropout < 1.0,
     })
     random.seed(args.seed)
@@ -425,11 +420,13 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.checkpoint:
-        sys.exit(evaluate_checkpoint(args, IQL, device))
+        sys.exit(evaluate_checkpoint(args, device))
 
     data, task = load_data(args, device)
-    # As the official code: dataset actions clipped inside the bounds for their log-likelihood, rewards rescaled.
-    scale = reward_scale(data["episode_returns"]) if args.normalize_reward else 1.0
+    # As the official code: dataset actions clipped inside the bounds for their log-likelihood, and locomotion rewards
+    # scaled by 1000 / (max - min episode return).
+    spread = float(np.ptp(data["episode_returns"]))
+    scale = 1000.0 / spread if args.normalize_reward and spread > 0 else 1.0
     table, split = transition_table({**data, "actions": np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5),
                                      "rewards": data["rewards"] * scale + args.reward_shift}, task)
     run_name = f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -440,7 +437,7 @@ if __name__ == "__main__":
     hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
-    agent = IQL(split[0], split[1], args, device)
+    agent = Agent(split[0], split[1], args, device)
     scores, eval_time, interval_steps = [], 0.0, 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):

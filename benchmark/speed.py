@@ -62,7 +62,7 @@ def training_step(agent, args: Args, device: torch.device, **update_kwargs):
 def iql_step(args: Args, device: torch.device):
     import iql
 
-    return training_step(iql.IQL(args.obs_dim, args.action_dim, iql.Args(batch_size=args.batch_size), device), args,
+    return training_step(iql.Agent(args.obs_dim, args.action_dim, iql.Args(batch_size=args.batch_size), device), args,
                          device)
 
 
@@ -70,13 +70,13 @@ def cql_continuous_step(args: Args, device: torch.device):
     import cql_continuous
 
     config = cql_continuous.Args(batch_size=args.batch_size, hidden_dims=args.cql_hidden_dims)
-    return training_step(cql_continuous.CQL(args.obs_dim, args.action_dim, config, device), args, device)
+    return training_step(cql_continuous.Agent(args.obs_dim, args.action_dim, config, device), args, device)
 
 
 def bcq_step(args: Args, device: torch.device):
     import bcq
 
-    return training_step(bcq.BCQ(args.obs_dim, args.action_dim, bcq.Args(batch_size=args.batch_size), device), args,
+    return training_step(bcq.Agent(args.obs_dim, args.action_dim, bcq.Args(batch_size=args.batch_size), device), args,
                          device)
 
 
@@ -84,7 +84,7 @@ def awr_step(args: Args, device: torch.device):
     """AWR's policy step (its value steps are cheaper: one small network, no action input)."""
     import awr
 
-    agent = awr.AWR(args.obs_dim, args.action_dim, awr.Args(batch_size=args.batch_size), device)
+    agent = awr.Agent(args.obs_dim, args.action_dim, awr.Args(batch_size=args.batch_size), device)
     obs = torch.randn(args.dataset_size, args.obs_dim, device=device)
     actions = torch.rand(args.dataset_size, args.action_dim, device=device) * 2 - 1
     weights = torch.rand(args.dataset_size, device=device)
@@ -101,7 +101,7 @@ def mopo_step(args: Args, device: torch.device):
     import mopo
 
     config = mopo.Args(batch_size=args.batch_size)
-    agent = mopo.SAC(args.obs_dim, args.action_dim, config, device)
+    agent = mopo.Agent(args.obs_dim, args.action_dim, config, device)
     num_real = int(config.batch_size * config.real_ratio)
     return training_step(agent, args, device, num_real=num_real)
 

@@ -73,15 +73,18 @@ def test_action_bound_penalty_only_counts_the_part_outside_the_box():
     assert awr.action_bound_penalty(torch.zeros(3, 2)).item() == 0.0
 
 
-def test_value_net_works_on_the_per_step_scale():
-    net = awr.ValueNet(3, (8,), discount=0.99)
-    obs = torch.randn(4, 3)
-    torch.testing.assert_close(net(obs), net.net(obs).squeeze(-1) * 100.0)
+def test_value_is_fitted_on_the_per_step_scale():
+    """V(s) = f(s) / (1 - gamma), and the value loss is the original's 0.5 * MSE on f's scale, not on V's."""
+    agent = awr.Agent(3, 2, awr.Args(hidden_dims=(8,), discount=0.99, value_lr=0.0), torch.device("cpu"))
+    obs, targets = torch.randn(4, 3), torch.randn(4) * 100
+    with torch.no_grad():
+        f = agent.value(obs)
+    torch.testing.assert_close(agent.value_step(obs, targets), 0.5 * ((targets / 100 - f) ** 2).mean())
 
 
 def test_fixed_std_is_not_trained_and_learned_std_is():
-    fixed = awr.AWR(3, 2, awr.Args(hidden_dims=(8,), fixed_std=0.4), torch.device("cpu"))
-    learned = awr.AWR(3, 2, awr.Args(hidden_dims=(8,), fixed_std=None, actor_lr=0.1), torch.device("cpu"))
+    fixed = awr.Agent(3, 2, awr.Args(hidden_dims=(8,), fixed_std=0.4), torch.device("cpu"))
+    learned = awr.Agent(3, 2, awr.Args(hidden_dims=(8,), fixed_std=None, actor_lr=0.1), torch.device("cpu"))
     obs, act, w = torch.randn(16, 3), torch.rand(16, 2) * 2 - 1, torch.ones(16)
     for agent in (fixed, learned):
         agent.update(obs, act, w)
@@ -96,7 +99,7 @@ def test_advantage_weighting_beats_behaviour_cloning_on_a_bandit():
     def train(temperature):
         torch.manual_seed(0)
         args = awr.Args(hidden_dims=(32,), temperature=temperature, actor_lr=0.05, value_lr=0.01)
-        agent = awr.AWR(3, 2, args, torch.device("cpu"))
+        agent = awr.Agent(3, 2, args, torch.device("cpu"))
         g = torch.Generator().manual_seed(1)
         obs, act = torch.randn(2048, 3, generator=g), torch.rand(2048, 2, generator=g) * 2 - 1
         reward = -((act - 0.6) ** 2).sum(-1)

@@ -55,7 +55,7 @@ def test_perturbation_is_bounded_by_phi_and_stays_in_the_action_box():
 def test_acting_keeps_the_candidate_with_the_highest_q1_inside_the_bounds():
     torch.manual_seed(0)
     args = bcq.Args(hidden_dims=(16, 16), vae_hidden_dims=(16, 16), num_candidates=100)
-    agent = bcq.BCQ(3, 2, args, torch.device("cpu"))
+    agent = bcq.Agent(3, 2, args, torch.device("cpu"))
     # Q1 prefers actions near (0.3, -0.3); Q2 prefers the opposite corner and must be ignored when acting.
     target = torch.tensor([0.3, -0.3])
 
@@ -92,7 +92,7 @@ def test_twin_q_single_member_equals_its_slice_of_the_pair():
 def test_update_trains_all_networks_and_moves_both_targets_by_tau():
     torch.manual_seed(0)
     args = bcq.Args(hidden_dims=(16, 16), vae_hidden_dims=(16, 16), batch_size=8)
-    agent = bcq.BCQ(3, 2, args, torch.device("cpu"))
+    agent = bcq.Agent(3, 2, args, torch.device("cpu"))
     before = {name: [p.clone() for p in getattr(agent, name).parameters()] for name in ("vae", "actor", "critic")}
     old_targets = [p.clone() for p in agent.targets]
     batch = torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 3), torch.zeros(8)
@@ -106,7 +106,7 @@ def test_update_trains_all_networks_and_moves_both_targets_by_tau():
 
 def test_actor_loss_reaches_the_actions_but_not_the_critic_weights():
     torch.manual_seed(0)
-    agent = bcq.BCQ(3, 2, bcq.Args(hidden_dims=(16, 16), vae_hidden_dims=(16, 16)), torch.device("cpu"))
+    agent = bcq.Agent(3, 2, bcq.Args(hidden_dims=(16, 16), vae_hidden_dims=(16, 16)), torch.device("cpu"))
     actions = (torch.rand(5, 2) * 2 - 1).requires_grad_()
     agent.critic(torch.randn(5, 3), actions, member=0, detach_params=True).mean().backward()
     assert actions.grad is not None and actions.grad.abs().sum() > 0

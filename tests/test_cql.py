@@ -58,7 +58,7 @@ def test_twin_q_detached_params_pass_gradient_to_actions_only():
 
 def make_agent(**overrides):
     args = cql.Args(**{"hidden_dims": (32, 32), "cql_n_actions": 4, **overrides})
-    return cql.CQL(3, 2, args, torch.device("cpu")), args
+    return cql.Agent(3, 2, args, torch.device("cpu")), args
 
 
 def batch(n=16, seed=0):

@@ -75,7 +75,7 @@ def fake_task(env_id: str, max_episode_steps, obs_dim: int, low, high) -> dict:
     spec_json["max_episode_steps"] = max_episode_steps
     return {"dataset_id": "test", "env_spec": json.dumps(spec_json), "ref_min_score": None, "ref_max_score": None,
             "obs_mean": torch.zeros(obs_dim), "obs_std": torch.ones(obs_dim),
-            "action_low": torch.tensor(low, dtype=torch.float32), "action_high": torch.tensor(high, dtype=torch.float32)}
+            "action_low": torch.tensor(low), "action_high": torch.tensor(high)}
 
 
 def test_batched_evaluation_returns_what_episodes_one_by_one_return():
