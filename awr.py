@@ -14,6 +14,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import gymnasium as gym
@@ -35,6 +36,8 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA when available"""
+    cudagraphs: bool = True
+    """on CUDA, capture the training step once in a CUDA graph and replay it (ignored on CPU)"""
     dataset_id: str = "mujoco/hopper/medium-v0"
     """Minari dataset id (local datasets are found under MINARI_DATASETS_PATH)"""
     download: bool = True
@@ -90,8 +93,7 @@ class Args:
 # ---- Data ------------------------------------------------------------------------------------------------------------
 def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
     """s = obs[:-1] and s' = obs[1:] inside each episode (no pair crosses an episode end); only terminations stop
-    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order.
-    load_data (in the harness) then rescales actions to [-1, 1] and standardizes observations."""
+    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order."""
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     for ep in episodes:
         obs = ep.observations
@@ -150,25 +152,22 @@ class GaussianPolicy(nn.Module):
 
 
 # ---- The algorithm: losses (paper equations), then the agent and its update -----------------------------------------
-def td_lambda_returns(rewards, next_values, terminals, ends, episode, position, grid: tuple[int, int],
-                      discount: float, lam: float) -> torch.Tensor:
+def td_lambda_returns(rewards, next_values, terminals, lengths, discount: float, lam: float) -> torch.Tensor:
     """TD(lambda) returns of every transition, computed backwards inside each episode:
         R_t = r_t + gamma * ((1 - lambda) * V(s_{t+1}) + lambda * R_{t+1}),
         R_T = r_T + gamma * V(s_{T+1}) at an episode's last transition, with V = 0 after a termination,
-    so a time-limit truncation bootstraps from V of its last next-state. The recursion R_t = c_t + a_t * R_{t+1} runs
-    over time steps (the longest episode's length), each step vectorized across all episodes of the dataset.
-    All inputs are (N,) tensors; episode and position locate each transition in a grid of (episodes, longest length)."""
-    bootstrap = (1.0 - terminals) * next_values
-    c = rewards + discount * bootstrap * ((1.0 - lam) + lam * ends)
+    so a time-limit truncation bootstraps from V of its last next-state. Inputs are (N,) tensors, episode after episode
+    (lengths); the recursion R_t = c_t + a_t * R_{t+1} runs over time steps, each vectorized across all episodes."""
+    episode = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    position = torch.arange(len(rewards), device=lengths.device) - (torch.cumsum(lengths, 0) - lengths)[episode]
+    ends = (position == lengths[episode] - 1).to(rewards.dtype)  # an episode's last transition
+    c = rewards + discount * ((1.0 - terminals) * next_values) * ((1.0 - lam) + lam * ends)
     a = discount * lam * (1.0 - ends)
-    num_episodes, length = grid
-    c_grid = torch.zeros(num_episodes, length, dtype=c.dtype, device=c.device)
+    c_grid = torch.zeros(len(lengths), int(lengths.max()), dtype=c.dtype, device=c.device)  # (episodes, time)
     a_grid = torch.zeros_like(c_grid)
-    c_grid[episode, position] = c
-    a_grid[episode, position] = a
-    returns = torch.zeros_like(c_grid)
-    following = torch.zeros(num_episodes, dtype=c.dtype, device=c.device)
-    for t in range(length - 1, -1, -1):
+    c_grid[episode, position], a_grid[episode, position] = c, a
+    returns, following = torch.zeros_like(c_grid), torch.zeros(len(lengths), dtype=c.dtype, device=c.device)
+    for t in range(c_grid.shape[1] - 1, -1, -1):
         following = c_grid[:, t] + a_grid[:, t] * following
         returns[:, t] = following
     return returns[episode, position]
@@ -210,32 +209,30 @@ class Agent(nn.Module):
         next transition's s, so V(s') is V(s) shifted by one; only each episode's final s' needs its own pass."""
         v = torch.cat([self.value(x) * self.value_scale for x in episodes["observations"].split(chunk)])
         v_next = torch.roll(v, -1)
-        v_next[episodes["ends"].bool()] = self.value(episodes["final_observations"]) * self.value_scale
-        returns = td_lambda_returns(episodes["rewards"], v_next, episodes["terminals"], episodes["ends"],
-                                    episodes["episode"], episodes["position"], episodes["grid"], self.args.discount,
-                                    self.args.td_lambda)
-        return v, returns
+        v_next[episodes["last"]] = self.value(episodes["final_observations"]) * self.value_scale
+        return v, td_lambda_returns(episodes["rewards"], v_next, episodes["terminals"], episodes["lengths"],
+                                    self.args.discount, self.args.td_lambda)
 
-    def refit(self, episodes: dict) -> tuple[torch.Tensor, dict]:
-        """Alg. 1's critic step: V fitted to the TD(lambda) returns of the current V for value_steps minibatch steps;
-        then every data action weighted by its advantage under the refitted V, for the policy steps until the next
-        refit. Returns the weights (one per transition) and their diagnostics."""
-        a, obs = self.args, episodes["observations"]
-        _, targets = self.returns(episodes)
+    def refit(self, episodes: dict, targets: torch.Tensor, weights: torch.Tensor, value_step) -> dict:
+        """Alg. 1's critic step: V fitted to the TD(lambda) returns of the current V (targets, value_steps calls of
+        value_step); then every data action weighted by its advantage under the refitted V (weights, for the policy
+        steps until the next refit). Both are written in place, where the captured steps read them."""
+        a, n = self.args, len(targets)
+        targets.copy_(self.returns(episodes)[1])
         for _ in range(a.value_steps):
-            idx = torch.randint(len(obs), (a.batch_size,), device=obs.device)
-            value_loss = self.value_step(obs[idx], targets[idx])
+            value_loss = value_step()
         v, returns = self.returns(episodes)
-        weights, adv_mean, adv_std = advantage_weights(returns - v, a.temperature, a.max_weight, a.normalize_advantages)
-        return weights, {
+        w, adv_mean, adv_std = advantage_weights(returns - v, a.temperature, a.max_weight, a.normalize_advantages)
+        weights.copy_(w)
+        return {
             "losses/value_loss": value_loss,
             "values/v": v.mean(),
             "values/advantage_mean": adv_mean,  # before standardization
             "values/advantage_std": adv_std,
-            "values/weight_mean": weights.mean(),
-            "values/weight_clipped_frac": (weights >= a.max_weight).float().mean(),
+            "values/weight_mean": w.mean(),
+            "values/weight_clipped_frac": (w >= a.max_weight).float().mean(),
             # Kish's effective sample size, as a fraction of the dataset: 1 is uniform weights (BC).
-            "values/weight_ess": weights.sum().pow(2) / weights.pow(2).sum() / len(obs),
+            "values/weight_ess": w.sum().pow(2) / w.pow(2).sum() / n,
         }
 
     def value_step(self, obs, targets) -> torch.Tensor:
@@ -305,7 +302,7 @@ def normalized_score(returns: np.ndarray, task: dict) -> float | None:
     return float(100.0 * (np.mean(returns) - task["ref_min_score"]) / (task["ref_max_score"] - task["ref_min_score"]))
 
 
-# ---- Harness: user errors, checkpoints, memory; not part of the algorithm, and the same text in all five scripts ---
+# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in all five scripts -
 def fail(message: str):
     """A user's mistake: one line on stderr, no traceback, exit code 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -376,10 +373,32 @@ def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[
 
 def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     """Everything --checkpoint needs to rebuild the policy and evaluate it: the networks, the arguments, the task."""
-    torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(),
-                "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()},
+    torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(), "args": asdict(args),
                 "task": {k: v.cpu() if torch.is_tensor(v) else v for k, v in task.items()}}, path)
     print(f"saved {path}")
+
+
+def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
+    """On CUDA, step (no arguments, tensors out) replayed from one CUDA graph: its first `warmup` calls run eagerly on a
+    side stream (real updates, which create the optimizers' state), the next is captured, and each call replays it."""
+    if device.type != "cuda" or not args.cudagraphs:
+        return step
+    graph, side, calls, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), [0], []
+
+    def run():
+        calls[0] += 1
+        if calls[0] > warmup and not outputs:  # capture records the kernels without running them
+            with torch.cuda.graph(graph):
+                outputs.append(step())
+        if outputs:
+            graph.replay()
+            return outputs[0]  # static tensors, rewritten by every replay
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings(action="ignore"):  # capturable optimizers warn uncaptured
+            out = step()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+    return run
 
 
 def evaluate_checkpoint(args: Args, device: torch.device):
@@ -394,10 +413,9 @@ def evaluate_checkpoint(args: Args, device: torch.device):
              f"{Args.exp_name}.py saved under runs/<run_name>/")
     video_folder = f"videos/eval__{Args.exp_name}__{args.seed}__{int(time.time())}" if args.capture_video else None
     returns = evaluate(agent.act, make_eval_envs(task, args.eval_episodes, video_folder), task, args.seed)
-    score = normalized_score(returns, task)
-    print(f"{args.checkpoint} (trained on {task['dataset_id']}), evaluated in "
-          f"{gym.envs.registration.EnvSpec.from_json(task['env_spec']).id}: {len(returns)} episodes, return "
-          f"{returns.mean():.1f} +- {returns.std():.1f}"
+    score, env_id = normalized_score(returns, task), gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
+    print(f"{args.checkpoint} (trained on {task['dataset_id']}), evaluated in {env_id}: {len(returns)} episodes, "
+          f"return {returns.mean():.1f} +- {returns.std():.1f}"
           + (f", normalized score {score:.1f}" if score is not None else " (the dataset has no reference scores)"))
 
 
@@ -422,14 +440,10 @@ if __name__ == "__main__":
     data, task = load_data(args, device)
     table, split = transition_table(data, task)
     obs, actions, rewards, next_obs, terminals = (c.contiguous() for c in table.split(split, dim=1))
-    # Where each transition sits in its episode, for the backward TD(lambda) pass.
     lengths = torch.as_tensor(data["episode_lengths"], device=device)
-    episode = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    position = torch.arange(len(table), device=device) - (torch.cumsum(lengths, 0) - lengths)[episode]
-    ends = position == lengths[episode] - 1
-    episodes = {"observations": obs, "final_observations": next_obs[ends], "rewards": rewards.squeeze(1),
-                "terminals": terminals.squeeze(1), "ends": ends.float(), "episode": episode, "position": position,
-                "grid": (len(lengths), int(lengths.max()))}
+    last = torch.cumsum(lengths, 0) - 1  # each episode's last transition
+    episodes = {"observations": obs, "final_observations": next_obs[last], "rewards": rewards.squeeze(1),
+                "terminals": terminals.squeeze(1), "lengths": lengths, "last": last}
     run_name = f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     while os.path.exists(f"runs/{run_name}"):  # never write into another run's folder
         run_name += "_"
@@ -439,13 +453,20 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     agent = Agent(split[0], split[1], args, device)
+    targets, weights = torch.zeros_like(episodes["rewards"]), torch.ones_like(episodes["rewards"])  # read in place
+
+    def sample(*columns):  # a minibatch: the same random rows of each per-transition tensor
+        idx = torch.randint(len(table), (args.batch_size,), device=device)
+        return [column[idx] for column in columns]
+
+    value_step = cuda_graph(lambda: agent.value_step(*sample(obs, targets)), args, device)
+    policy_step = cuda_graph(lambda: agent.update(*sample(obs, actions, weights)), args, device)
     scores, eval_time, interval_steps = [], 0.0, 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):
         if (step - 1) % args.policy_steps == 0:  # Alg. 1: refit V, then reweight the data's actions
-            weights, refit_info = agent.refit(episodes)
-        idx = torch.randint(len(table), (args.batch_size,), device=device)
-        info = {**agent.update(obs[idx], actions[idx], weights[idx]), **refit_info}
+            refit_info = agent.refit(episodes, targets, weights, value_step)
+        info = {**policy_step(), **refit_info}
         interval_steps += 1
         if step % args.log_every == 0 or step == args.total_steps:
             logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps

@@ -17,6 +17,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -40,6 +41,8 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA when available"""
+    cudagraphs: bool = True
+    """on CUDA, capture the training step once in a CUDA graph and replay it (ignored on CPU)"""
     dataset_id: str = "mujoco/hopper/medium-v0"
     """Minari dataset id (local datasets are found under MINARI_DATASETS_PATH)"""
     download: bool = True
@@ -112,8 +115,7 @@ class Args:
 # ---- Data ------------------------------------------------------------------------------------------------------------
 def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
     """s = obs[:-1] and s' = obs[1:] inside each episode (no pair crosses an episode end); only terminations stop
-    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order.
-    load_data (in the harness) then rescales actions to [-1, 1] and standardizes observations."""
+    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order."""
     parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
     for ep in episodes:
         obs = ep.observations
@@ -147,9 +149,8 @@ class EnsembleDynamics(nn.Module):
         dims = [obs_dim + action_dim, *hidden_dims, 2 * (obs_dim + 1)]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            # Truncated normal with std 1 / (2 sqrt(d_in)), the official (MBPO) initialization.
             w = torch.empty(num_ensemble, d_in, d_out)
-            std = 1 / (2 * math.sqrt(d_in))
+            std = 1 / (2 * math.sqrt(d_in))  # a truncated normal, the official (MBPO) initialization
             nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(num_ensemble, 1, d_out)))
@@ -194,15 +195,13 @@ class TwinQ(nn.Module):
         dims = [obs_dim + action_dim, *hidden_dims, 1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            # nn.Linear's default init per member; the output layer starts near zero, as rlkit's Q networks do.
-            bound = 3e-3 if i == len(dims) - 2 else 1 / math.sqrt(d_in)
+            bound = 3e-3 if i == len(dims) - 2 else 1 / math.sqrt(d_in)  # nn.Linear's default; rlkit's small output
             self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_q, 1, d_out).uniform_(-bound, bound)))
         self.num_q = num_q
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
-        """Q values of shape (num_q, batch). With detach_params, gradients reach the actions but not the weights:
-        the policy's loss must not train the critic."""
+        """(num_q, batch) values. detach_params: gradients reach the actions, not the weights (the policy's loss)."""
         x = torch.cat([obs, actions], dim=-1).expand(self.num_q, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             w, b = (w.detach(), b.detach()) if detach_params else (w, b)
@@ -216,8 +215,7 @@ class TwinQ(nn.Module):
 
 
 class TanhGaussianPolicy(nn.Module):
-    """SAC's policy: a = tanh(u), u ~ N(mu(s), sigma(s)), log-std clamped to [-5, 2] as in the official code.
-    Evaluation acts with tanh(mu)."""
+    """SAC's policy: a = tanh(u), u ~ N(mu(s), sigma(s)), log-std clamped to [-5, 2] as in the official code."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims):
         super().__init__()
@@ -238,8 +236,7 @@ class TanhGaussianPolicy(nn.Module):
 def hopper_done(next_obs: torch.Tensor) -> torch.Tensor:
     height, angle = next_obs[:, 0], next_obs[:, 1]
     in_range = torch.isfinite(next_obs).all(-1) & (next_obs[:, 1:].abs() < 100).all(-1)
-    healthy = in_range & (height > 0.7) & (angle.abs() < 0.2)
-    return ~healthy
+    return ~(in_range & (height > 0.7) & (angle.abs() < 0.2))
 
 
 def walker2d_done(next_obs: torch.Tensor) -> torch.Tensor:
@@ -248,8 +245,7 @@ def walker2d_done(next_obs: torch.Tensor) -> torch.Tensor:
 
 
 def ant_done(next_obs: torch.Tensor) -> torch.Tensor:
-    height = next_obs[:, 0]
-    return ~(torch.isfinite(next_obs).all(-1) & (height >= 0.2) & (height <= 1.0))
+    return ~(torch.isfinite(next_obs).all(-1) & (next_obs[:, 0] >= 0.2) & (next_obs[:, 0] <= 1.0))  # the height
 
 
 def never_done(next_obs: torch.Tensor) -> torch.Tensor:
@@ -330,8 +326,8 @@ def rollout(model: EnsembleDynamics, policy: Callable, start_obs: torch.Tensor, 
             done_fn: Callable) -> dict:
     """h steps of the policy in the model from start_obs: next state and reward sampled from a random elite, the reward
     penalized by the whole ensemble's uncertainty, a predicted termination ending the branch; plus statistics."""
-    obs, out = start_obs, {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    penalties, raw_rewards = [], []
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals", "penalties", "raw_rewards")
+    obs, out = start_obs, {k: [] for k in keys}
     for _ in range(horizon):
         actions = policy(obs)
         mean, logvar = model(obs, actions)
@@ -341,26 +337,24 @@ def rollout(model: EnsembleDynamics, policy: Callable, start_obs: torch.Tensor, 
         next_obs, reward = obs + chosen[:, :-1], chosen[:, -1]
         penalty = uncertainty_penalty(logvar)
         done = done_fn(next_obs)
-        for k, v in zip(out, (obs, actions, reward - penalty_coef * penalty, next_obs, done.float())):
+        for k, v in zip(keys, (obs, actions, reward - penalty_coef * penalty, next_obs, done.float(), penalty, reward)):
             out[k].append(v)
-        penalties.append(penalty)
-        raw_rewards.append(reward)
         obs = next_obs[~done]
         if obs.shape[0] == 0:
             break
     data = {k: torch.cat(v) for k, v in out.items()}
-    penalties, raw_rewards = torch.cat(penalties), torch.cat(raw_rewards)
-    stats = {"model/penalty_mean": penalties.mean(), "model/penalty_max": penalties.max(),
-             "model/reward_mean": raw_rewards.mean(), "model/termination_rate": data["terminals"].mean(),
-             "model/rollout_transitions": torch.tensor(float(len(penalties)))}
+    stats = {"model/penalty_mean": data["penalties"].mean(), "model/penalty_max": data["penalties"].max(),
+             "model/reward_mean": data["raw_rewards"].mean(), "model/termination_rate": data["terminals"].mean(),
+             "model/rollout_transitions": len(data["rewards"])}
     return {**data, "stats": stats}
 
 
 class ModelBuffer:
-    """A ring buffer of model transitions on the device, holding the last model_retain_epochs rollouts' worth."""
+    """A ring buffer of model transitions on the device, in transition_table's layout, holding the last
+    model_retain_epochs rollouts' worth. Its fill level is kept on the device too, where a captured step reads it."""
 
     def __init__(self, capacity: int, width: int, device: torch.device):
-        self.table = torch.zeros(capacity, width, device=device)
+        self.table, self.filled = torch.zeros(capacity, width, device=device), torch.zeros((), device=device)
         self.capacity, self.size, self.head = capacity, 0, 0
 
     def add(self, rows: torch.Tensor):
@@ -369,10 +363,13 @@ class ModelBuffer:
         self.table[idx] = rows
         self.head = (self.head + len(rows)) % self.capacity
         self.size = min(self.size + len(rows), self.capacity)
+        self.filled.fill_(self.size)
 
-    def rows(self) -> torch.Tensor:
-        """The filled part of the table, in transition_table's layout."""
-        return self.table[: self.size]
+    def sample(self, split: list, batch_size: int) -> tuple:
+        """A minibatch of the filled rows, as minibatch() draws one from the dataset."""
+        idx = (torch.rand(batch_size, dtype=torch.float64, device=self.table.device) * self.filled).long()
+        obs, actions, rewards, next_obs, terminals = self.table[idx].split(split, dim=1)
+        return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1)
 
 
 def sample_tanh_gaussian(mean: torch.Tensor, log_std: torch.Tensor):
@@ -395,12 +392,15 @@ class Agent(nn.Module):
         self.target_critic.requires_grad_(False)
         self.target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
         self.log_alpha = nn.Parameter(torch.zeros(1))
+        self.register_buffer("steps", torch.zeros(()))  # updates so far, counted on the device like everything else
         self.to(device)
-        # fused: one kernel per optimizer instead of a loop over parameters (about 8% more updates/s on a CPU).
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, fused=True)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, fused=True)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr)
-        self.actor_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_opt, T_max=args.total_steps)
+        # fused: one kernel per optimizer instead of a loop over parameters (about 8% more updates/s on a CPU);
+        # capturable: the optimizer keeps its step count on the device, so cuda_graph can capture it.
+        adam = {"fused": True, "capturable": device.type == "cuda" and args.cudagraphs}
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, **adam)
+        self.actor_lr = torch.tensor(args.actor_lr, device=device)  # a tensor, so a captured step reads its schedule
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, **adam)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], args.alpha_lr, capturable=adam["capturable"])
         self.online, self.targets = list(self.critic.parameters()), list(self.target_critic.parameters())
 
     def update(self, obs, actions, rewards, next_obs, terminals, num_real: int) -> dict:
@@ -428,7 +428,8 @@ class Agent(nn.Module):
         (actor_loss + critic_loss).backward()
         self.actor_opt.step()
         self.critic_opt.step()
-        self.actor_schedule.step()
+        self.steps += 1  # the actor's learning rate decays on a cosine to 0 at total_steps, as in OfflineRL-Kit
+        self.actor_lr.copy_(a.actor_lr * (1 + torch.cos(np.pi * (self.steps / a.total_steps).clamp(max=1))) / 2)
         with torch.no_grad():
             torch._foreach_lerp_(self.targets, self.online, a.tau)
         q = q.detach().mean(0)
@@ -490,7 +491,7 @@ def normalized_score(returns: np.ndarray, task: dict) -> float | None:
     return float(100.0 * (np.mean(returns) - task["ref_min_score"]) / (task["ref_max_score"] - task["ref_min_score"]))
 
 
-# ---- Harness: user errors, checkpoints, memory; not part of the algorithm, and the same text in all five scripts ---
+# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in all five scripts -
 def fail(message: str):
     """A user's mistake: one line on stderr, no traceback, exit code 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -561,10 +562,32 @@ def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[
 
 def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
     """Everything --checkpoint needs to rebuild the policy and evaluate it: the networks, the arguments, the task."""
-    torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(),
-                "args": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(args).items()},
+    torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(), "args": asdict(args),
                 "task": {k: v.cpu() if torch.is_tensor(v) else v for k, v in task.items()}}, path)
     print(f"saved {path}")
+
+
+def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
+    """On CUDA, step (no arguments, tensors out) replayed from one CUDA graph: its first `warmup` calls run eagerly on a
+    side stream (real updates, which create the optimizers' state), the next is captured, and each call replays it."""
+    if device.type != "cuda" or not args.cudagraphs:
+        return step
+    graph, side, calls, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), [0], []
+
+    def run():
+        calls[0] += 1
+        if calls[0] > warmup and not outputs:  # capture records the kernels without running them
+            with torch.cuda.graph(graph):
+                outputs.append(step())
+        if outputs:
+            graph.replay()
+            return outputs[0]  # static tensors, rewritten by every replay
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings(action="ignore"):  # capturable optimizers warn uncaptured
+            out = step()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+    return run
 
 
 def evaluate_checkpoint(args: Args, device: torch.device):
@@ -579,10 +602,9 @@ def evaluate_checkpoint(args: Args, device: torch.device):
              f"{Args.exp_name}.py saved under runs/<run_name>/")
     video_folder = f"videos/eval__{Args.exp_name}__{args.seed}__{int(time.time())}" if args.capture_video else None
     returns = evaluate(agent.act, make_eval_envs(task, args.eval_episodes, video_folder), task, args.seed)
-    score = normalized_score(returns, task)
-    print(f"{args.checkpoint} (trained on {task['dataset_id']}), evaluated in "
-          f"{gym.envs.registration.EnvSpec.from_json(task['env_spec']).id}: {len(returns)} episodes, return "
-          f"{returns.mean():.1f} +- {returns.std():.1f}"
+    score, env_id = normalized_score(returns, task), gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
+    print(f"{args.checkpoint} (trained on {task['dataset_id']}), evaluated in {env_id}: {len(returns)} episodes, "
+          f"return {returns.mean():.1f} +- {returns.std():.1f}"
           + (f", normalized score {score:.1f}" if score is not None else " (the dataset has no reference scores)"))
 
 
@@ -671,6 +693,13 @@ if __name__ == "__main__":
     policy = lambda obs: sample_tanh_gaussian(*agent.actor(normalize(obs)))[0]  # noqa: E731
     done_fn = termination_fn_for(gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id)
     num_real = int(args.batch_size * args.real_ratio)  # 12 of 256, as OfflineRL-Kit rounds it
+
+    def sac_step():  # a batch of num_real dataset rows and batch_size - num_real model rows
+        real, fake = minibatch(table, split, num_real), buffer.sample(split, args.batch_size - num_real)
+        obs, actions, rewards, next_obs, terminals = (torch.cat(pair) for pair in zip(real, fake))
+        return agent.update(normalize(obs), actions, rewards, normalize(next_obs), terminals, num_real)
+
+    train_step = cuda_graph(sac_step, args, device)
     scores, eval_time, interval_steps = [], 0.0, 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):
@@ -682,11 +711,7 @@ if __name__ == "__main__":
                                   model_data["next_observations"], model_data["terminals"][:, None]], dim=1))
             rollout_info = {**model_data["stats"], "charts/model_buffer_size": buffer.size,
                             "charts/rollout_seconds": time.perf_counter() - rollout_start}
-        real = minibatch(table, split, num_real)
-        fake = minibatch(buffer.rows(), split, args.batch_size - num_real)
-        obs, actions, rewards, next_obs, terminals = (torch.cat(pair) for pair in zip(real, fake))
-        info = {**agent.update(normalize(obs), actions, rewards, normalize(next_obs), terminals, num_real),
-                **rollout_info}
+        info = {**train_step(), **rollout_info}
         interval_steps += 1
         if step % args.log_every == 0 or step == args.total_steps:
             logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps

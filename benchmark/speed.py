@@ -4,7 +4,8 @@ matmul throughput that the loop reaches.
 
     python benchmark/speed.py --scripts iql cql_continuous bcq --threads 1
     python benchmark/speed.py --scripts bcq --batch-size 100   # BCQ's own batch size
-    python benchmark/speed.py --scripts iql --device cuda
+    python benchmark/speed.py --scripts iql --device cuda                   # the step captured in a CUDA graph
+    python benchmark/speed.py --scripts iql --device cuda --no-cudagraphs   # the same step, eager
     python benchmark/speed.py --scripts mopo mopo_rollout --steps 20   # a rollout row counts rollouts per second
 
 The step is timed as the script's main loop runs it: a minibatch drawn with torch.randint from a dataset-sized table
@@ -12,6 +13,7 @@ on the device, then one update. Data are random with Hopper's shapes (11-d obser
 not depend on the values.
 """
 
+import importlib
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ class Args:
     """scripts to measure (file names without .py)"""
     device: str = "cpu"
     """cpu or cuda"""
+    cudagraphs: bool = True
+    """on CUDA, time the step captured in one CUDA graph, as the scripts run it (--no-cudagraphs: eager)"""
     threads: int = 1
     """torch CPU threads"""
     batch_size: int = 256
@@ -41,77 +45,87 @@ class Args:
     cql_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """CQL's hidden sizes (the issue's reduced-budget comparison uses 256 256)"""
     keep_freed_memory: bool = True
-    """tune glibc's allocator as every script does at start (False: glibc's defaults, as a library would run)"""
+    """tune glibc's allocator where the script does at start (cql_continuous, mopo); False: glibc's defaults"""
 
 
-def training_step(agent, args: Args, device: torch.device, **update_kwargs):
-    """The main loop's body: a minibatch gathered from a dataset-sized table on the device, then one update."""
+def random_table(args: Args, device: torch.device, rows: int) -> tuple[torch.Tensor, list]:
+    """A table in transition_table's layout with Hopper's shapes: actions in [-1, 1], terminals 0 or 1."""
     split = [args.obs_dim, args.action_dim, 1, args.obs_dim, 1]
-    table = torch.randn(args.dataset_size, sum(split), device=device)
+    table = torch.randn(rows, sum(split), device=device)
     table[:, args.obs_dim:args.obs_dim + args.action_dim].uniform_(-1, 1)
     table[:, -1] = (table[:, -1] > 2).float()
-
-    def step():
-        idx = torch.randint(args.dataset_size, (args.batch_size,), device=device)
-        obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
-        return agent.update(obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), **update_kwargs)
-
-    return step
+    return table, split
 
 
-def iql_step(args: Args, device: torch.device):
-    import iql
-
-    return training_step(iql.Agent(args.obs_dim, args.action_dim, iql.Args(batch_size=args.batch_size), device), args,
-                         device)
-
-
-def cql_continuous_step(args: Args, device: torch.device):
-    import cql_continuous
-
-    config = cql_continuous.Args(batch_size=args.batch_size, hidden_dims=args.cql_hidden_dims)
-    return training_step(cql_continuous.Agent(args.obs_dim, args.action_dim, config, device), args, device)
-
-
-def bcq_step(args: Args, device: torch.device):
-    import bcq
-
-    return training_step(bcq.Agent(args.obs_dim, args.action_dim, bcq.Args(batch_size=args.batch_size), device), args,
-                         device)
+def training_step(name: str, args: Args, device: torch.device, **config):
+    """The script's main-loop step: a minibatch drawn on the device from a dataset-sized table, then one update.
+    Returns the step, the script's module and its Args (which say whether the step is captured)."""
+    module = importlib.import_module(name)
+    config = module.Args(batch_size=args.batch_size, cudagraphs=args.cudagraphs, **config)
+    agent = module.Agent(args.obs_dim, args.action_dim, config, device)
+    table, split = random_table(args, device, args.dataset_size)
+    return (lambda: agent.update(*module.minibatch(table, split, args.batch_size))), module, config
 
 
 def awr_step(args: Args, device: torch.device):
     """AWR's policy step (its value steps are cheaper: one small network, no action input)."""
     import awr
 
-    agent = awr.Agent(args.obs_dim, args.action_dim, awr.Args(batch_size=args.batch_size), device)
+    config = awr.Args(batch_size=args.batch_size, cudagraphs=args.cudagraphs)
+    agent = awr.Agent(args.obs_dim, args.action_dim, config, device)
     obs = torch.randn(args.dataset_size, args.obs_dim, device=device)
     actions = torch.rand(args.dataset_size, args.action_dim, device=device) * 2 - 1
     weights = torch.rand(args.dataset_size, device=device)
 
     def step():
         idx = torch.randint(args.dataset_size, (args.batch_size,), device=device)
-        return agent.policy_step(obs[idx], actions[idx], weights[idx])
+        return agent.update(obs[idx], actions[idx], weights[idx])
 
-    return step
+    return step, awr, config
+
+
+def awr_value_step(args: Args, device: torch.device):
+    """AWR's value step: V regressed onto a minibatch of its TD(lambda) targets."""
+    import awr
+
+    config = awr.Args(batch_size=args.batch_size, cudagraphs=args.cudagraphs)
+    agent = awr.Agent(args.obs_dim, args.action_dim, config, device)
+    obs = torch.randn(args.dataset_size, args.obs_dim, device=device)
+    targets = torch.randn(args.dataset_size, device=device) * 100
+
+    def step():
+        idx = torch.randint(args.dataset_size, (args.batch_size,), device=device)
+        return agent.value_step(obs[idx], targets[idx])
+
+    return step, awr, config
 
 
 def mopo_step(args: Args, device: torch.device):
-    """MOPO's SAC step on a batch mixing real and model rows (5% real by default); the rollouts are timed apart."""
+    """MOPO's SAC step on a batch of 5% dataset rows and 95% model rows, as mopo.py draws it; rollouts are timed
+    apart (mopo_rollout)."""
     import mopo
 
-    config = mopo.Args(batch_size=args.batch_size)
+    config = mopo.Args(batch_size=args.batch_size, cudagraphs=args.cudagraphs)
     agent = mopo.Agent(args.obs_dim, args.action_dim, config, device)
+    table, split = random_table(args, device, args.dataset_size)
+    buffer = mopo.ModelBuffer(config.rollout_batch_size * config.rollout_length * config.model_retain_epochs,
+                              sum(split), device)
+    buffer.add(random_table(args, device, buffer.capacity)[0])
     num_real = int(config.batch_size * config.real_ratio)
-    return training_step(agent, args, device, num_real=num_real)
+
+    def step():
+        real, fake = mopo.minibatch(table, split, num_real), buffer.sample(split, args.batch_size - num_real)
+        return agent.update(*(torch.cat(pair) for pair in zip(real, fake)), num_real)
+
+    return step, mopo, config
 
 
 def mopo_rollout_step(args: Args, device: torch.device):
     """One of MOPO's model rollouts (the default 50,000 start states for 5 steps through the 7-member ensemble, run
-    once every 1000 SAC steps); its row in the table counts rollouts per second."""
+    once every 1000 SAC steps), eager as in mopo.py; its row in the table counts rollouts per second."""
     import mopo
 
-    config = mopo.Args()
+    config = mopo.Args(cudagraphs=False)
     model = mopo.EnsembleDynamics(args.obs_dim, args.action_dim, config.dynamics_hidden_dims, config.num_ensemble,
                                   config.num_elites).to(device)
     actor = mopo.TanhGaussianPolicy(args.obs_dim, args.action_dim, config.hidden_dims).to(device)
@@ -123,11 +137,13 @@ def mopo_rollout_step(args: Args, device: torch.device):
         return mopo.rollout(model, lambda o: mopo.sample_tanh_gaussian(*actor(o))[0], starts[idx],
                             config.rollout_length, config.penalty_coef, mopo.never_done)
 
-    return step
+    return step, mopo, config
 
 
-STEPS = {"iql": iql_step, "cql_continuous": cql_continuous_step, "bcq": bcq_step, "awr": awr_step, "mopo": mopo_step,
-         "mopo_rollout": mopo_rollout_step}
+STEPS = {"iql": lambda a, d: training_step("iql", a, d),
+         "cql_continuous": lambda a, d: training_step("cql_continuous", a, d, hidden_dims=a.cql_hidden_dims),
+         "bcq": lambda a, d: training_step("bcq", a, d), "awr": awr_step, "awr_value": awr_value_step,
+         "mopo": mopo_step, "mopo_rollout": mopo_rollout_step}
 
 
 def sync(device: torch.device):
@@ -149,31 +165,44 @@ def matmul_throughput(device: torch.device, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def script_of(name: str) -> str:
+    """The script a row times: mopo_rollout is mopo.py's, awr_value awr.py's."""
+    return {"mopo_rollout": "mopo", "awr_value": "awr"}.get(name, name)
+
+
+def tunes_allocator(name: str) -> bool:
+    """Whether the script calls keep_freed_memory() at start."""
+    return "def keep_freed_memory" in (Path(__file__).resolve().parent.parent / f"{script_of(name)}.py").read_text()
+
+
 def main(args: Args):
     torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        import iql  # the five scripts share this function
-
-        iql.keep_freed_memory()
     device = torch.device(args.device)
     peak = max(matmul_throughput(device, 256), matmul_throughput(device, 1024))
     print(f"device {device}, {args.threads} thread(s): measured matmul throughput {peak / 1e9:.1f} GFLOP/s")
-    print("| script | updates/s | GFLOP per update | GFLOP/s | fraction of matmul peak |")
-    print("|---|---|---|---|---|")
-    for name in args.scripts:
-        step = STEPS[name](args, device)
+    print("| script | step | updates/s | GFLOP per update | GFLOP/s | fraction of matmul peak |")
+    print("|---|---|---|---|---|---|")
+    # The allocator setting holds for the rest of the process, so the scripts that leave glibc's defaults run first.
+    for name in sorted(args.scripts, key=tunes_allocator):
+        if args.keep_freed_memory and tunes_allocator(name):
+            importlib.import_module(script_of(name)).keep_freed_memory()
+        eager, module, config = STEPS[name](args, device)
+        with FlopCounterMode(display=False) as counter:  # one eager step, counted before any capture
+            eager()
+        flops = counter.get_total_flops()
+        # The script's own capture (cuda_graph in its harness): on CUDA with --cudagraphs, one CUDA graph per step.
+        step = eager if name == "mopo_rollout" else module.cuda_graph(eager, config, device)
+        kind = "CUDA graph" if step is not eager else "eager"
         for _ in range(args.warmup):
             step()
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
         sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
         sync(device)
         ups = args.steps / (time.perf_counter() - start)
-        print(f"| {name} | {ups:.3g} | {flops / 1e9:.3f} | {ups * flops / 1e9:.1f} | {ups * flops / peak:.0%} |")
+        print(f"| {name} | {kind} | {ups:.3g} | {flops / 1e9:.3f} | {ups * flops / 1e9:.1f} | "
+              f"{ups * flops / peak:.0%} |")
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def minari_root(tmp_path_factory):
         os.environ["MINARI_DATASETS_PATH"] = old
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict | None = None):
     """Runs a repo script the way a user does: its own process, from an arbitrary working directory."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)

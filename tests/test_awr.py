@@ -10,15 +10,12 @@ import torch
 # Two episodes: one of 3 transitions ending in a termination, one of 2 cut by a time limit (truncated).
 REWARDS = [1.0, 2.0, 3.0, 0.5, -1.0]
 TERMINALS = [0, 0, 1, 0, 0]
-ENDS = [0, 0, 1, 0, 1]
 NEXT_V = [10.0, 20.0, 30.0, 40.0, 50.0]  # V(s') of each transition; the terminal one must be ignored
 
 
 def vectorized(discount, lam):
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    episode, position = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 0, 1])
-    return awr.td_lambda_returns(t(REWARDS), t(NEXT_V), t(TERMINALS), t(ENDS), episode, position, (2, 3), discount,
-                                 lam).numpy()
+    return awr.td_lambda_returns(t(REWARDS), t(NEXT_V), t(TERMINALS), torch.tensor([3, 2]), discount, lam).numpy()
 
 
 def step_by_step(discount, lam):

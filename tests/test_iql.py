@@ -1,5 +1,6 @@
 """IQL's pieces checked on hand-computed cases (Kostrikov et al. 2021, Eqs. 5-7)."""
 
+import math
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -128,9 +129,13 @@ def test_update_moves_targets_by_tau_and_decays_the_actor_lr_to_zero():
     assert all(torch.isfinite(v) for v in info.values())
     for old, target, online in zip(old_target, agent.target_critic.parameters(), agent.critic.parameters()):
         torch.testing.assert_close(target, (1 - args.tau) * old + args.tau * online)
-    for _ in range(args.total_steps - 1):
+    for step in range(2, args.total_steps + 1):
         agent.update(*random_batch())
-    assert agent.actor_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+        # The cosine schedule, kept on the device so that a captured step follows it: the optimizer reads this tensor.
+        assert agent.actor_opt.param_groups[0]["lr"] is agent.actor_lr
+        expected = args.actor_lr * (1 + math.cos(math.pi * step / args.total_steps)) / 2
+        assert agent.actor_lr.item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert agent.actor_lr.item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_the_value_update_only_changes_v_from_the_target_critic():

@@ -117,10 +117,12 @@ def test_dynamics_training_fits_a_linear_system_and_picks_elites_by_holdout_erro
     assert any(tag == "dynamics/holdout_mse_3" for tag, _ in logged)
 
 
-def test_model_buffer_keeps_the_newest_rows():
-    buffer = mopo.ModelBuffer(capacity=5, width=1, device=torch.device("cpu"))
-    buffer.add(torch.arange(3.0)[:, None])
-    assert buffer.rows()[:, 0].tolist() == [0.0, 1.0, 2.0]  # minibatches come from the filled rows only
-    buffer.add(torch.arange(3.0, 7.0)[:, None])
+def test_model_buffer_keeps_the_newest_rows_and_samples_only_filled_ones():
+    buffer = mopo.ModelBuffer(capacity=5, width=5, device=torch.device("cpu"))
+    buffer.add(torch.arange(3.0)[:, None].expand(-1, 5))
+    obs, *_ = buffer.sample([1, 1, 1, 1, 1], 256)
+    assert set(obs[:, 0].tolist()) == {0.0, 1.0, 2.0}  # never an empty row, though the table has five
+    buffer.add(torch.arange(3.0, 7.0)[:, None].expand(-1, 5))
     assert buffer.size == 5
-    assert sorted(buffer.rows()[:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert sorted(buffer.table[:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert set(buffer.sample([1, 1, 1, 1, 1], 256)[0][:, 0].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0}

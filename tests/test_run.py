@@ -82,3 +82,15 @@ def test_ray_backend_runs_the_grid(minari_root, tmp_path):
     assert marker["threads"] == 1 and "--total-steps" in marker["argv"]
     assert "step 100/100" in (out / "logs" / "test-hopper-random-v0__awr__2.log").read_text()
     assert os.listdir(out / "runs" / runs[0])  # the TensorBoard event file came back from the task
+
+
+def test_runs_are_packed_on_the_visible_gpus(tmp_path):
+    """--runs-per-gpu N runs N at a time on each GPU, one CUDA_VISIBLE_DEVICES each; without a GPU it is refused."""
+    argv = ("benchmark/run.py", "--scripts", "iql.py", "--seeds", "1", "2", "3", "4", "--runs-per-gpu", "2", "--out",
+            str(tmp_path), "--dry-run")
+    packed = run_script(*argv, cwd=ROOT, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert packed.returncode == 0 and "4 to run" in packed.stdout, packed.stdout + packed.stderr
+    assert [line.split()[0] for line in packed.stdout.splitlines()[1:]] == [f"CUDA_VISIBLE_DEVICES={g}" for g in
+                                                                           "0101"]
+    refused = run_script(*argv, cwd=ROOT, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert refused.returncode == 2 and "needs" in refused.stderr and "GPU" in refused.stderr

@@ -8,6 +8,7 @@ Not part of the project's scripts or tests; it runs in its own environment:
         --dataset-id local/hopper/medium-replay-v0 --seed 1 --total-steps 100000 --out peer_iql_1.json
 Speed alone (updates/s after --warmup steps, in d3rlpy's own `fit` loop and in `update` alone):
     ... d3rlpy_peer.py --algo iql --speed --threads 1
+    ... d3rlpy_peer.py --algo iql --speed --device cuda:0 [--compile-graph]
 
 Settings (each the paper's, with standardized observations as our scripts use by default):
   iql: expectile 0.7, temperature 3, max weight 100, rewards x 1000 / return range, actor lr on a cosine schedule.
@@ -42,6 +43,8 @@ parser.add_argument("--out", default="peer.json")
 parser.add_argument("--speed", action="store_true", help="measure updates/s only, no evaluation")
 parser.add_argument("--threads", type=int, default=None)
 parser.add_argument("--warmup", type=int, default=50)
+parser.add_argument("--device", default="cpu:0", help="d3rlpy's device, e.g. cuda:0")
+parser.add_argument("--compile-graph", action="store_true", help="d3rlpy's compile_graph (torch.compile, CUDA graphs)")
 parser.add_argument("--steps", type=int, default=500)
 args = parser.parse_args()
 if args.threads:
@@ -67,7 +70,7 @@ dataset = d3rlpy.dataset.MDPDataset(
 scaler = d3rlpy.preprocessing.StandardObservationScaler()
 horizon = args.warmup + args.steps if args.speed else args.total_steps
 if args.algo == "iql":
-    config = d3rlpy.algos.IQLConfig(
+    config = d3rlpy.algos.IQLConfig(compile_graph=args.compile_graph,
         actor_learning_rate=3e-4, critic_learning_rate=3e-4, batch_size=args.batch_size or 256, gamma=0.99, tau=0.005,
         n_critics=2, expectile=0.7, weight_temp=3.0, max_weight=100.0,
         actor_optim_factory=d3rlpy.optimizers.AdamFactory(
@@ -75,13 +78,13 @@ if args.algo == "iql":
         observation_scaler=scaler, reward_scaler=d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0))
 elif args.algo == "cql":
     net = d3rlpy.models.VectorEncoderFactory(hidden_units=args.hidden_dims or [256, 256, 256])
-    config = d3rlpy.algos.CQLConfig(
+    config = d3rlpy.algos.CQLConfig(compile_graph=args.compile_graph,
         actor_learning_rate=1e-4, critic_learning_rate=3e-4, temp_learning_rate=1e-4, alpha_learning_rate=0.0,
         batch_size=args.batch_size or 256, gamma=0.99, tau=0.005, n_critics=2, conservative_weight=5.0,
         n_action_samples=args.n_action_samples, actor_encoder_factory=net, critic_encoder_factory=net,
         observation_scaler=scaler)
 else:
-    config = d3rlpy.algos.BCQConfig(
+    config = d3rlpy.algos.BCQConfig(compile_graph=args.compile_graph,
         actor_learning_rate=1e-3, critic_learning_rate=1e-3, imitator_learning_rate=1e-3,
         batch_size=args.batch_size or 100, gamma=0.99, tau=0.005, n_critics=2, lam=0.75, action_flexibility=0.05,
         n_action_samples=args.n_action_samples, beta=0.5,
@@ -89,7 +92,7 @@ else:
         critic_encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[400, 300]),
         imitator_encoder_factory=d3rlpy.models.VectorEncoderFactory(hidden_units=[750, 750]),
         observation_scaler=scaler)
-algo = config.create(device="cpu:0")
+algo = config.create(device=args.device)
 fit = dict(show_progress=False, save_interval=10**9, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
 
 if args.speed:
@@ -102,6 +105,8 @@ if args.speed:
         return out
 
     def mark(algo_, epoch, total_step):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         if total_step == args.warmup:
             marks["start"], update_time[0] = time.perf_counter(), 0.0
         if total_step == args.warmup + args.steps:
@@ -109,7 +114,8 @@ if args.speed:
 
     algo.update = timed_update
     algo.fit(dataset, n_steps=horizon, n_steps_per_epoch=horizon, callback=mark, **fit)
-    print(f"d3rlpy {args.algo.upper()}, {torch.get_num_threads()} thread(s): "
+    print(f"d3rlpy {args.algo.upper()}, {args.device}{', compile_graph' if args.compile_graph else ''}, "
+          f"{torch.get_num_threads()} thread(s): "
           f"{args.steps / (marks['end'] - marks['start']):.1f} updates/s in fit, "
           f"{args.steps / update_time[0]:.1f} updates/s in update alone")
     raise SystemExit(0)

@@ -1,0 +1,227 @@
+"""The GPU checks of the scripts' CUDA-graph training step, in one call on a GPU machine. benchmark/gpu_check.sh
+installs what such a machine may lack and rebuilds the dataset first; then:
+
+    python benchmark/gpu_check.py --out results/                     # every part, most important first
+    python benchmark/gpu_check.py --parts speed e2e --out results/   # some of them
+
+Parts (each prints a summary; --out gets results.json, curves.png and logs.tar.gz, the parts' full output, a few
+files in all since the device tool brings back at most eight; runs and sweeps stay under --work):
+  same-math  every script's step (AWR: its policy step and its value step) run 50 times captured in a CUDA graph and
+             50 times eagerly (--no-cudagraphs), from the same seed: the same random draws on both sides (the CUDA
+             generator hands a graph replay the offsets the eager step would use), so the losses and learning rates
+             must agree to 1e-4 relative.
+  e2e        iql.py for 200,000 steps on local/hopper/medium-replay-v0 with the default evaluation schedule, timed.
+  speed      benchmark/speed.py on CUDA, graphed and eager (--no-cudagraphs), and d3rlpy's steps, eager and with
+             compile_graph (benchmark/peers/d3rlpy_peer.py).
+  packed     iql.py alone, then 5 runs through run.py --runs-per-gpu 5: their updates/s together against one alone.
+  curves     2000 steps of every script on local/hopper/medium-replay-v0, seed 1, with and without --cudagraphs: both
+             loss curves, the warm-up steps before the capture included (curves.json, curves.png).
+  smoke      the smoke tests' training runs and checkpoint evaluations, on the GPU.
+--budget stops starting parts once that many seconds have passed (the device tool gives each call 10 minutes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmark"))
+sys.path.insert(0, str(ROOT))
+PARTS = ("same-math", "e2e", "speed", "packed", "curves", "smoke")
+DATASET = "local/hopper/medium-replay-v0"
+
+
+@dataclass
+class Args:
+    parts: tuple[str, ...] = PARTS
+    out: Path = Path("gpu_check")
+    work: Path = Path("/tmp/gpu_check_work")
+    """runs, sweeps and logs; only a summary of them goes to --out"""
+    budget: float = 560.0
+    """seconds after which no further part is started"""
+    device: str = "cuda"
+    """cuda; cpu runs the same code paths eagerly, for a dry run of this script"""
+    e2e_steps: int = 200_000
+    packed_steps: int = 30_000
+    curve_steps: int = 2000
+
+
+def run(cmd: list, log: Path, timeout: float, env: dict | None = None) -> tuple[int, str, float]:
+    """A subprocess from the repository root; its output goes to log. Returns exit code, output tail and seconds."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = 124, f"{e.stdout or ''}{e.stderr or ''}\n(stopped after {timeout:.0f} s)"
+        text = text if isinstance(text, str) else text.decode(errors="replace")
+    log.write_text(f"$ {' '.join(map(str, cmd))}\n{text}")
+    return rc, text[-3000:], time.perf_counter() - start
+
+
+def same_math(args: Args) -> dict:
+    import speed
+
+    device, results = torch.device(args.device), {}
+    for name in ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo"):
+        traces = {}
+        for graphed in (False, True):
+            torch.manual_seed(0)
+            config = speed.Args(device=args.device, cudagraphs=graphed, dataset_size=100_000,
+                                batch_size=100 if name == "bcq" else 256)
+            eager, module, script_args = speed.STEPS[name](config, device)
+            step = module.cuda_graph(eager, script_args, device)
+            rows = []
+            for _ in range(50):
+                out = step()
+                rows.append({k: float(v) for k, v in (out if isinstance(out, dict) else {"loss": out}).items()})
+            traces[graphed] = rows
+        worst = {}
+        for tag in traces[False][0]:
+            eager_values = [r[tag] for r in traces[False]]
+            graph_values = [r[tag] for r in traces[True]]
+            worst[tag] = max(abs(g - e) / max(abs(e), 1e-6) for g, e in zip(graph_values, eager_values))
+        results[name] = {"max_relative_difference": worst, "eager": traces[False], "graphed": traces[True],
+                         "pass": all(v <= 1e-4 for v in worst.values())}
+        print(f"same-math {name}: {'pass' if results[name]['pass'] else 'FAIL'}, worst relative difference "
+              f"{max(worst.values()):.2e} ({max(worst, key=worst.get)})", flush=True)
+    return results
+
+
+def e2e(args: Args) -> dict:
+    rc, tail, seconds = run([sys.executable, "iql.py", "--dataset-id", DATASET, "--total-steps", str(args.e2e_steps),
+                             "--no-download", "--no-save-model"], args.work / "e2e.txt", 400)
+    print(f"e2e: iql.py {args.e2e_steps} steps with evaluation in {seconds:.0f} s (rc {rc})\n{tail[-400:]}", flush=True)
+    return {"rc": rc, "seconds": seconds, "steps": args.e2e_steps}
+
+
+def speed_part(args: Args) -> dict:
+    results, env = {}, {"OMP_NUM_THREADS": "4"}
+    ours = ["iql", "cql_continuous", "awr", "awr_value", "mopo", "mopo_rollout"]
+    for graphed in (True, False):
+        flag = [] if graphed else ["--no-cudagraphs"]
+        steps = ["--steps", "3000"] if graphed else ["--steps", "500"]
+        for scripts, extra in ((ours, []), (["bcq"], ["--batch-size", "100"])):
+            cmd = [sys.executable, "benchmark/speed.py", "--device", args.device, "--scripts", *scripts, *flag,
+                   *steps, *extra]
+            rc, tail, _ = run(cmd, args.work / f"speed_{'graph' if graphed else 'eager'}_{scripts[0]}.txt", 300, env)
+            results[f"{'graph' if graphed else 'eager'}_{scripts[0]}"] = tail
+            print(tail[-1200:], flush=True)
+    for compiled in (False, True):
+        for algo in ("iql", "cql", "bcq"):
+            cmd = [sys.executable, "benchmark/peers/d3rlpy_peer.py", "--algo", algo, "--speed", "--dataset-id",
+                   DATASET, "--device", f"{args.device}:0", "--warmup", "30", "--steps", "300"]
+            cmd += ["--compile-graph"] if compiled else []
+            rc, tail, seconds = run(cmd, args.work / f"d3rlpy_{algo}{'_compiled' * compiled}.txt", 150, env)
+            line = [x for x in tail.splitlines() if x.startswith("d3rlpy")] or [f"rc {rc}: {tail[-300:]}"]
+            results[f"d3rlpy_{algo}{'_compiled' * compiled}"] = line[-1]
+            print(f"{line[-1]} ({seconds:.0f} s)", flush=True)
+    return results
+
+
+def packed(args: Args) -> dict:
+    common = [sys.executable, "benchmark/run.py", "--scripts", "iql.py", "--dataset-ids", DATASET,
+              f"--args=--total-steps {args.packed_steps} --eval-every {args.packed_steps} --eval-episodes 1 "
+              "--no-save-model"]
+    results = {}
+    for label, seeds, per_gpu in (("alone", ["1"], "1"), ("packed", ["1", "2", "3", "4", "5"], "5")):
+        rc, tail, seconds = run([*common, "--seeds", *seeds, "--runs-per-gpu", per_gpu, "--out",
+                                 str(args.work / f"sweep_{label}")], args.work / f"packed_{label}.txt", 300)
+        summary = [x for x in tail.splitlines() if "updates/s per run" in x or x.startswith("MPS")]
+        results[label] = {"rc": rc, "seconds": seconds, "summary": summary}
+        print(f"packed {label}: rc {rc}, {seconds:.0f} s: " + " / ".join(summary), flush=True)
+    return results
+
+
+def curves(args: Args) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    jobs, results = [], {}
+    for script in ("iql", "cql_continuous", "bcq", "awr", "mopo"):
+        for graphed in (True, False):
+            work = args.work / "curve_runs" / f"{script}_{'graph' if graphed else 'eager'}"
+            work.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(ROOT / f"{script}.py"), "--dataset-id", DATASET, "--seed", "1",
+                   "--total-steps", str(args.curve_steps), "--log-every", "50", "--eval-every", str(args.curve_steps),
+                   "--eval-episodes", "2", "--no-download", "--no-save-model"]
+            cmd += [] if graphed else ["--no-cudagraphs"]
+            cmd += ["--dynamics-max-epochs", "2"] if script == "mopo" else []
+            log = open(work / "log.txt", "w")
+            proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+            jobs.append((script, graphed, work, log, proc))
+    for script, graphed, work, log, proc in jobs:
+        proc.wait(timeout=300)
+        log.close()
+        acc = EventAccumulator(str(next((work / "runs").iterdir())), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = [t for t in acc.Tags()["scalars"] if t.startswith(("losses/", "eval/", "charts/actor_lr"))]
+        results.setdefault(script, {})["graph" if graphed else "eager"] = {
+            tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags}
+    for script, modes in results.items():
+        gaps = {tag: max(abs(g[1] - e[1]) / max(abs(e[1]), 1e-6) for g, e in zip(modes["graph"][tag], values))
+                for tag, values in modes["eager"].items() if tag.startswith("losses/")}
+        print(f"curves {script}: graphed against eager over {args.curve_steps} steps, largest relative gap per loss: "
+              + ", ".join(f"{t.split('/')[1]} {v:.1e}" for t, v in gaps.items()), flush=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.5), squeeze=False)
+        for ax, (script, modes) in zip(axes[0], results.items()):
+            tag = "losses/critic_loss" if "losses/critic_loss" in modes["eager"] else "losses/actor_loss"
+            for mode, style in (("eager", "-"), ("graph", "--")):
+                ax.plot(*zip(*modes[mode][tag]), style, label=f"{mode}")
+            ax.set_title(f"{script}: {tag}")
+            ax.set_xlabel("gradient step")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "curves.png", dpi=80)
+    except ImportError:
+        pass
+    return results
+
+
+def smoke(args: Args) -> dict:
+    rc, tail, seconds = run([sys.executable, "-m", "pytest", "-q", "-n", "10", "-p", "no:cacheprovider",
+                             "tests/test_smoke.py", "-k", "train_log or bounded"], args.work / "smoke.txt", 300)
+    print(f"smoke on {args.device}: rc {rc} in {seconds:.0f} s\n{tail[-600:]}", flush=True)
+    return {"rc": rc, "seconds": seconds, "tail": tail[-1500:]}
+
+
+def main(args: Args):
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    start, done = time.perf_counter(), {}
+    if args.device == "cuda":
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    for part in [p for p in PARTS if p in args.parts]:
+        if time.perf_counter() - start > args.budget:
+            print(f"{part}: not started, past the {args.budget:.0f} s budget", flush=True)
+            continue
+        part_start = time.perf_counter()
+        fn = {"same-math": same_math, "e2e": e2e, "speed": speed_part, "packed": packed, "curves": curves,
+              "smoke": smoke}[part]
+        try:
+            done[part] = fn(args)
+        except Exception as e:  # one part's failure must not cost the others their device time
+            done[part] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{part}: {type(e).__name__}: {e}", flush=True)
+        print(f"[{part} took {time.perf_counter() - part_start:.0f} s]", flush=True)
+        (args.out / "results.json").write_text(json.dumps(done, indent=1, default=str))
+        logs = [str(p.relative_to(args.work)) for p in args.work.rglob("*") if p.suffix == ".txt"]
+        subprocess.run(["tar", "czf", str(args.out.resolve() / "logs.tar.gz"), *logs], cwd=args.work)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
