@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import gymnasium as gym
 import minari
@@ -228,8 +229,7 @@ class Agent(nn.Module):
         self.log_alpha_prime = nn.Parameter(torch.zeros(1))
         self.register_buffer("steps", torch.zeros(()))  # updates so far, counted on the device like everything else
         self.to(device)
-        # fused: one kernel per optimizer instead of a loop over parameters (about 8% more updates/s on a CPU);
-        # capturable: the optimizer keeps its step count on the device, so cuda_graph can capture it.
+        # fused: one kernel per optimizer (about 8% more updates/s on a CPU); capturable: cuda_graph can capture it.
         adam = {"fused": True, "capturable": device.type == "cuda" and args.cudagraphs}
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, **adam)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, **adam)
@@ -337,44 +337,45 @@ class Agent(nn.Module):
 
 
 # ---- Evaluation ------------------------------------------------------------------------------------------------------
-def make_eval_envs(task: dict, n: int, video_folder: str | None) -> list:
-    """n copies of the task's evaluation environment, time limit included; the first records video when asked to."""
+def make_eval_envs(task: dict, n: int, video_folder: str | None):
+    """n copies of the task's evaluation environment, time limit included, each in its own process: MuJoCo's stepping,
+    not the policy, is what evaluation spends its time on. The first records video when asked to."""
     spec = gym.envs.registration.EnvSpec.from_json(task["env_spec"])
     if spec.max_episode_steps is None and n:
         print(f"note: {spec.id} has no time limit in its spec; evaluation episodes end after 1000 steps")
-    try:
-        envs = [gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None) for i in range(n)]
-        if video_folder and n:
-            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
+
+    def make(i: int) -> gym.Env:
+        env = gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None)
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True) if env.render_mode else env
+        return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
+    try:  # forkserver: the workers start from a fresh process, not from this one's CUDA context and threads
+        return gym.vector.AsyncVectorEnv([partial(make, i) for i in range(n)], context="forkserver") if n else None
     except Exception as e:
         fail(f"could not create {spec.id} for evaluation ({type(e).__name__}: {str(e).splitlines()[0]}); MuJoCo needs "
              "`pip install gymnasium[mujoco]`, --capture-video needs moviepy and, without a display, MUJOCO_GL=egl")
-    return [gym.wrappers.FlattenObservation(e) if isinstance(e.observation_space, gym.spaces.Dict) else e for e in envs]
 
 
 @torch.no_grad()
-def evaluate(policy, envs: list, task: dict, seed: int) -> np.ndarray:
+def evaluate(policy, envs, task: dict, seed: int) -> np.ndarray:
     """One episode per environment, stepped together: one policy call (standardized observations to actions in [-1, 1])
-    per time step for the unfinished ones. Episode i starts from reset(seed=seed + i) and ends at the time limit."""
-    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
-    returns, running = np.zeros(len(envs)), list(range(len(envs)))
-    for _ in range((envs[0].spec.max_episode_steps or 1000) if envs else 0):
-        x = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=task["obs_mean"].device)
+    per time step for all of them. Episode i starts from reset(seed=seed + i) and ends at the time limit."""
+    obs, _ = envs.reset(seed=[seed + i for i in range(envs.num_envs)])
+    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
+    low, high = task["action_low"], task["action_high"]
+    for _ in range(gym.envs.registration.EnvSpec.from_json(task["env_spec"]).max_episode_steps or 1000):
+        x = torch.as_tensor(obs, dtype=torch.float32, device=low.device)
         actions = policy((x - task["obs_mean"]) / task["obs_std"])
-        low, high = task["action_low"], task["action_high"]
-        for i, action in zip(list(running), (low + (actions + 1.0) * 0.5 * (high - low)).cpu().numpy()):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
-            returns[i] += float(reward)
-            if terminated or truncated:
-                running.remove(i)
-        if not running:
+        obs, rewards, terminated, truncated, _ = envs.step((low + (actions + 1.0) * 0.5 * (high - low)).cpu().numpy())
+        returns += np.where(running, rewards, 0.0)  # an episode that ended is reset by the vector env: ignored
+        running &= ~(terminated | truncated)
+        if not running.any():
             break
     return returns
 
 
 def normalized_score(returns: np.ndarray, task: dict) -> float | None:
     """minari.get_normalized_score's formula, times 100; None when the dataset has no reference scores."""
-    if task["ref_min_score"] is None or task["ref_max_score"] is None or not len(returns):
+    if task["ref_min_score"] is None or task["ref_max_score"] is None:
         return None
     return float(100.0 * (np.mean(returns) - task["ref_min_score"]) / (task["ref_max_score"] - task["ref_min_score"]))
 
@@ -460,21 +461,20 @@ def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
     side stream (real updates, which create the optimizers' state), the next is captured, and each call replays it."""
     if device.type != "cuda" or not args.cudagraphs:
         return step
-    graph, side, calls, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), [0], []
+    graph, side, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), []
 
     def run():
-        calls[0] += 1
-        if calls[0] > warmup and not outputs:  # capture records the kernels without running them
+        if len(outputs) < warmup:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), warnings.catch_warnings(action="ignore"):  # capturable optimizers warn here
+                outputs.append(step())
+            torch.cuda.current_stream().wait_stream(side)
+        elif len(outputs) == warmup:  # capture records the kernels without running them; the replay runs them
             with torch.cuda.graph(graph):
                 outputs.append(step())
-        if outputs:
+        if len(outputs) > warmup:
             graph.replay()
-            return outputs[0]  # static tensors, rewritten by every replay
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), warnings.catch_warnings(action="ignore"):  # capturable optimizers warn uncaptured
-            out = step()
-        torch.cuda.current_stream().wait_stream(side)
-        return out
+        return outputs[-1]  # after the capture, static tensors that every replay rewrites
     return run
 
 
@@ -551,14 +551,13 @@ if __name__ == "__main__":
             for k, v in logged.items():
                 writer.add_scalar(k, v, step)
             interval_start, interval_steps = time.perf_counter(), 0
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if envs and (step % args.eval_every == 0 or step == args.total_steps):
             eval_start = time.perf_counter()
             returns = evaluate(agent.act, envs, task, args.seed)
             eval_time += time.perf_counter() - eval_start
             score, line = normalized_score(returns, task), f"step {step}/{args.total_steps}"
-            if len(returns):
-                writer.add_scalar("eval/return", returns.mean(), step)
-                line += f" | return {returns.mean():8.1f}"
+            writer.add_scalar("eval/return", returns.mean(), step)
+            line += f" | return {returns.mean():8.1f}"
             if score is not None:
                 writer.add_scalar("eval/normalized_score", score, step)
                 scores.append(score)

@@ -94,19 +94,17 @@ def test_evaluation_unscales_actions_and_stops_at_1000_steps_without_a_time_limi
     """Pendulum's action box is [-2, 2]: the policy's [-1, 1] maps onto it. With the time limit taken out of its
     spec, an episode (which never terminates) still ends, after 1000 policy calls."""
     task = fake_task("Pendulum-v1", None, 3, [-2.0], [2.0])
-    envs = iql.make_eval_envs(task, 2, None)
     seen, calls = [], []
 
-    class Recorder(gym.Wrapper):
-        def step(self, action):
-            seen.append(float(action[0]))
-            return super().step(action)
+    class Recorder(gym.vector.VectorWrapper):
+        def step(self, actions):
+            seen.append(actions.copy())
+            return super().step(actions)
 
-    envs = [Recorder(env) for env in envs]
     policy = lambda obs: calls.append(len(obs)) or torch.full((len(obs), 1), 0.5)  # noqa: E731
-    returns = iql.evaluate(policy, envs, task, seed=0)
+    returns = iql.evaluate(policy, Recorder(iql.make_eval_envs(task, 2, None)), task, seed=0)
     assert len(calls) == 1000 and set(calls) == {2} and len(returns) == 2
-    assert set(seen) == {1.0}  # -2 + (0.5 + 1) / 2 * 4
+    assert np.all(np.concatenate(seen) == 1.0)  # -2 + (0.5 + 1) / 2 * 4
 
 
 def test_loaded_actions_are_rescaled_to_the_unit_box(minari_root):
