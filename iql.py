@@ -17,7 +17,6 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import gymnasium as gym
 import minari
@@ -271,38 +270,36 @@ class Agent(nn.Module):
 
 
 # ---- Evaluation ------------------------------------------------------------------------------------------------------
-def make_eval_envs(task: dict, n: int, video_folder: str | None):
-    """n copies of the task's evaluation environment, time limit included, each in its own process: MuJoCo's stepping,
-    not the policy, is what evaluation spends its time on. The first records video when asked to."""
+def make_eval_envs(task: dict, n: int, video_folder: str | None) -> list:
+    """n copies of the task's evaluation environment, time limit included; the first records video when asked to."""
     spec = gym.envs.registration.EnvSpec.from_json(task["env_spec"])
     if spec.max_episode_steps is None and n:
         print(f"note: {spec.id} has no time limit in its spec; evaluation episodes end after 1000 steps")
-
-    def make(i: int) -> gym.Env:
-        env = gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None)
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda _: True) if env.render_mode else env
-        return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
-    try:  # forkserver: the workers start from a fresh process, not from this one's CUDA context and threads
-        return gym.vector.AsyncVectorEnv([partial(make, i) for i in range(n)], context="forkserver") if n else None
+    try:
+        envs = [gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None) for i in range(n)]
+        if video_folder and n:
+            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
     except Exception as e:
         fail(f"could not create {spec.id} for evaluation ({type(e).__name__}: {str(e).splitlines()[0]}); MuJoCo needs "
              "`pip install gymnasium[mujoco]`, --capture-video needs moviepy and, without a display, MUJOCO_GL=egl")
+    return [gym.wrappers.FlattenObservation(e) if isinstance(e.observation_space, gym.spaces.Dict) else e for e in envs]
 
 
 @torch.no_grad()
-def evaluate(policy, envs, task: dict, seed: int) -> np.ndarray:
+def evaluate(policy, envs: list, task: dict, seed: int) -> np.ndarray:
     """One episode per environment, stepped together: one policy call (standardized observations to actions in [-1, 1])
-    per time step for all of them. Episode i starts from reset(seed=seed + i) and ends at the time limit."""
-    obs, _ = envs.reset(seed=[seed + i for i in range(envs.num_envs)])
-    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, dtype=bool)
-    low, high = task["action_low"], task["action_high"]
+    per time step for the unfinished ones. Episode i starts from reset(seed=seed + i) and ends at the time limit."""
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    returns, running, low, high = np.zeros(len(envs)), list(range(len(envs))), task["action_low"], task["action_high"]
     for _ in range(gym.envs.registration.EnvSpec.from_json(task["env_spec"]).max_episode_steps or 1000):
-        x = torch.as_tensor(obs, dtype=torch.float32, device=low.device)
+        x = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=low.device)
         actions = policy((x - task["obs_mean"]) / task["obs_std"])
-        obs, rewards, terminated, truncated, _ = envs.step((low + (actions + 1.0) * 0.5 * (high - low)).cpu().numpy())
-        returns += np.where(running, rewards, 0.0)  # an episode that ended is reset by the vector env: ignored
-        running &= ~(terminated | truncated)
-        if not running.any():
+        for i, action in zip(list(running), (low + (actions + 1.0) * 0.5 * (high - low)).cpu().numpy()):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += float(reward)
+            if terminated or truncated:
+                running.remove(i)
+        if not running:
             break
     return returns
 
