@@ -125,7 +125,7 @@ def mlp(in_dim: int, hidden_dims, out_dim: int) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    """Conditional VAE of the dataset's actions given the state (Section 4.1). Encoder (s, a) -> N(mu, sigma) over a
+    """Conditional VAE of the dataset's actions given the state (Section 4.2). Encoder (s, a) -> N(mu, sigma) over a
     latent of size 2|A|; decoder (s, z) -> tanh, so decoded actions stay inside [-1, 1]."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims):
@@ -261,7 +261,7 @@ class Agent(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
 
-        # (3) The perturbation network climbs Q1 from VAE samples (deterministic policy gradient, Eq. 10).
+        # (3) The perturbation network climbs Q1 from VAE samples (deterministic policy gradient, Eq. 12).
         with torch.no_grad():
             sampled = self.vae.decode(obs)
         perturbed = self.actor(obs, sampled)

@@ -7,7 +7,7 @@ arXiv:2005.13239. An ensemble of Gaussian dynamics models T(s', r | s, a) is fit
 model transition's reward is penalized by the ensemble's uncertainty, u(s, a) = max_i ||Sigma_i(s, a)||_F (Eq. 7-8):
     r~(s, a) = r^(s, a) - lambda * u(s, a)
 SAC then trains on batches that mix a few real transitions with many model ones (Algorithm 2).
-Run: python mopo.py --dataset-id mujoco/hopper/medium-replay-v0 --rollout-length 5 --penalty-coef 2.5
+Run: python mopo.py --dataset-id local/hopper/medium-replay-v0 --rollout-length 5 --penalty-coef 2.5
 """
 
 import ctypes
@@ -440,6 +440,7 @@ class Agent(nn.Module):
             "values/q_real": q[:num_real].mean() if num_real else torch.zeros(()),
             "values/q_model": q[num_real:].mean() if num_real < len(q) else torch.zeros(()),
             "values/entropy": -log_pi.detach().mean(),
+            "charts/actor_lr": self.actor_lr,
         }
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:

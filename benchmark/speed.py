@@ -43,7 +43,7 @@ class Args:
     obs_dim: int = 11
     action_dim: int = 3
     cql_hidden_dims: tuple[int, ...] = (256, 256, 256)
-    """CQL's hidden sizes (the issue's reduced-budget comparison uses 256 256)"""
+    """CQL's hidden sizes (the reduced-budget benchmarks use 256 256)"""
     keep_freed_memory: bool = True
     """tune glibc's allocator where the script does at start (cql_continuous, mopo); False: glibc's defaults"""
 

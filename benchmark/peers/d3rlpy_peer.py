@@ -4,7 +4,8 @@ scripts, for the score and speed comparisons in the README.
 Not part of the project's scripts or tests; it runs in its own environment:
     python -m venv peer && peer/bin/pip install torch==2.13.0 && \
         peer/bin/pip install d3rlpy==2.8.1 minari h5py pillow "gymnasium[mujoco]==1.0.0"
-    MINARI_DATASETS_PATH=../shared/minari peer/bin/python benchmark/peers/d3rlpy_peer.py --algo iql \
+    python benchmark/make_datasets.py   # the local Hopper datasets, under MINARI_DATASETS_PATH
+    peer/bin/python benchmark/peers/d3rlpy_peer.py --algo iql \
         --dataset-id local/hopper/medium-replay-v0 --seed 1 --total-steps 100000 --out peer_iql_1.json
 Speed alone (updates/s after --warmup steps, in d3rlpy's own `fit` loop and in `update` alone):
     ... d3rlpy_peer.py --algo iql --speed --threads 1
