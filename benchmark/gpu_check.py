@@ -238,7 +238,8 @@ def main(args: Args):
         print(f"[{part} took {time.perf_counter() - part_start:.0f} s]", flush=True)
         (args.out / "results.json").write_text(json.dumps(done, indent=1, default=str))
         logs = [str(p.relative_to(args.work)) for p in args.work.rglob("*") if p.suffix == ".txt"]
-        subprocess.run(["tar", "czf", str(args.out.resolve() / "logs.tar.gz"), *logs], cwd=args.work)
+        if logs:
+            subprocess.run(["tar", "czf", str(args.out.resolve() / "logs.tar.gz"), *logs], cwd=args.work)
 
 
 if __name__ == "__main__":
