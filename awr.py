@@ -215,14 +215,15 @@ class Agent(nn.Module):
     def refit(self, episodes: dict, targets: torch.Tensor, weights: torch.Tensor, value_step) -> dict:
         """Alg. 1's critic step: V fitted to the TD(lambda) returns of the current V (targets, value_steps calls of
         value_step); then every data action weighted by its advantage under the refitted V (weights, for the policy
-        steps until the next refit). Both are written in place, where the captured steps read them."""
+        steps until the next refit). Both are written in place, where the captured steps read them. The policy steps
+        leave V as it is, so the refitted V's returns are also the next refit's targets: one TD(lambda) pass a refit."""
         a, n = self.args, len(targets)
-        targets.copy_(self.returns(episodes)[1])
         for _ in range(a.value_steps):
             value_loss = value_step()
         v, returns = self.returns(episodes)
         w, adv_mean, adv_std = advantage_weights(returns - v, a.temperature, a.max_weight, a.normalize_advantages)
         weights.copy_(w)
+        targets.copy_(returns)
         return {
             "losses/value_loss": value_loss,
             "values/v": v.mean(),
@@ -450,7 +451,7 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     agent = Agent(split[0], split[1], args, device)
-    targets, weights = torch.zeros_like(episodes["rewards"]), torch.ones_like(episodes["rewards"])  # read in place
+    targets, weights = agent.returns(episodes)[1], torch.ones_like(episodes["rewards"])  # read in place by the steps
 
     def sample(*columns):  # a minibatch: the same random rows of each per-transition tensor
         idx = torch.randint(len(table), (args.batch_size,), device=device)
