@@ -15,7 +15,7 @@ from conftest import PENDULUM_ID, ROOT
 SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py"]
 SHARED = ["episodes_to_transitions", "load_data", "transition_table", "minibatch",  # data
           "make_eval_envs", "evaluate", "normalized_score",  # evaluation
-          "fail", "validate", "load_minari", "save_checkpoint", "evaluate_checkpoint"]  # harness
+          "fail", "validate", "load_minari", "save_checkpoint", "cuda_graph", "evaluate_checkpoint"]  # harness
 # Shared where present: the allocator setting is kept only by the scripts whose speed it changes.
 SHARED_WHERE_PRESENT = ["keep_freed_memory"]
 
