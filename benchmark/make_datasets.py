@@ -112,8 +112,8 @@ def describe(name: str) -> dict:
             "author_email": {"none@example.com"}, "code_permalink": "benchmark/make_datasets.py"}
 
 
-def mean_score(dataset_id: str) -> float:
-    returns = [float(np.sum(ep.rewards)) for ep in minari.load_dataset(dataset_id).iterate_episodes()]
+def mean_score(dataset: minari.MinariDataset) -> float:
+    returns = [float(np.sum(ep.rewards)) for ep in dataset.iterate_episodes()]
     return 100 * (np.mean(returns) - REF_MIN) / (REF_MAX - REF_MIN)
 
 
@@ -149,7 +149,7 @@ def main(args: Args):
         dataset_id = f"local/hopper/{name}-v0"
         ds = minari.load_dataset(dataset_id)
         print(f"{dataset_id}: {ds.total_steps} transitions, {ds.total_episodes} episodes, mean episode score "
-              f"{mean_score(dataset_id):.1f}")
+              f"{mean_score(ds):.1f}")
 
 
 if __name__ == "__main__":
