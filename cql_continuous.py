@@ -14,6 +14,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.export.passes import move_to_device_pass
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -58,7 +60,11 @@ class Args:
     normalize_states: bool = True
     """z-score observations with dataset statistics (CORL's choice; the official code does not)"""
     save_model: bool = True
-    """save a checkpoint to runs/{run_name}/{exp_name}.pt at the end"""
+    """save a checkpoint to runs/{run_name}/{exp_name}.pt, and the policy to {exp_name}_policy.pt2, at the end"""
+    save_every: int = 50_000
+    """gradient steps between checkpoints that --resume continues from (0: only at the end and when stopped)"""
+    resume: str | None = None
+    """folder runs/<run_name> of a stopped run: continue it exactly where its checkpoint left it, with its arguments"""
     checkpoint: str | None = None
     """path of a saved checkpoint: evaluate it on its own environment and exit, training nothing"""
     capture_video: bool = False
@@ -389,8 +395,11 @@ def validate(args: Args, rules: dict):
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
         rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
+    rules[f"--save-every must be >= 0 (0: no periodic checkpoints), got {args.save_every}"] = args.save_every >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
     rules["--checkpoint needs --eval-episodes >= 1"] = not args.checkpoint or args.eval_episodes > 0
+    rules["pass --checkpoint (evaluate a policy) or --resume (continue a run), not both"] = not (args.checkpoint
+                                                                                              and args.resume)
     for message, ok in rules.items():
         if not ok:
             fail(message)
@@ -399,13 +408,16 @@ def validate(args: Args, rules: dict):
 def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     """minari.load_dataset; its errors, and spaces these policies cannot handle, become one line saying what to do."""
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    if not dataset_id.rpartition("-v")[2].isdigit():
+        fail(f"'{dataset_id}' is not a dataset id: ids end in -v and a version, as in 'mujoco/hopper/medium-v0'")
     try:
         dataset = minari.load_dataset(dataset_id, download=download)
-    except Exception as e:  # malformed or unknown ids, network errors, unreadable files
+    except Exception as e:  # unknown ids, network errors, unreadable files
         why = "not found locally, and --no-download is set" if isinstance(e, FileNotFoundError) and not download else \
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        fail(f"could not load dataset '{dataset_id}' ({why}); ids look like 'mujoco/hopper/medium-v0', and "
-             f"MINARI_DATASETS_PATH={root} holds: {', '.join(sorted(minari.list_local_datasets())) or 'none'}")
+        fail(f"could not load dataset '{dataset_id}' ({why}); MINARI_DATASETS_PATH={root} holds: "
+             f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local "
+             "datasets only, and this project's `python benchmark/make_datasets.py` builds local/hopper/*")
     obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
     if not isinstance(space, gym.spaces.Box):
         fail(f"{Args.exp_name}.py needs continuous (Box) actions; '{dataset_id}' has {space}: pick another dataset")
@@ -446,11 +458,86 @@ def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[
     return torch.cat(columns, 1), [c.shape[1] for c in columns]
 
 
-def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict):
-    """Everything --checkpoint needs to rebuild the policy and evaluate it: the networks, the arguments, the task."""
-    torch.save({"algorithm": Args.exp_name, "agent": agent.state_dict(), "args": asdict(args),
-                "task": {k: v.cpu() if torch.is_tensor(v) else v for k, v in task.items()}}, path)
-    print(f"saved {path}")
+def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict, loop: dict):
+    """What --checkpoint needs (networks, arguments, task) and what --resume needs (optimizers, RNG states, the loop's
+    state), then the policy alone (export_policy); each file written aside, synced, then renamed over the old one."""
+    numpy_rng = np.random.get_state()
+    ckpt = {"algorithm": Args.exp_name, "agent": agent.state_dict(), "args": asdict(args), "loop": loop,
+            "task": {k: v.cpu() if torch.is_tensor(v) else v for k, v in task.items()},
+            "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
+            "rng": [random.getstate(), (numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []]}
+    for file, content, save in ((path, ckpt, torch.save),
+                                (path[:-3] + "_policy.pt2", export_policy(agent, task), torch.export.save)):
+        with open(f"{file}.tmp", "wb") as f:
+            save(content, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{file}.tmp", file)
+    print(f"saved {path} and its policy at step {loop['step']}", flush=True)
+
+
+def export_policy(agent: nn.Module, task: dict) -> torch.export.ExportedProgram:
+    """The policy for torch.export.load(path).module(): raw observations in, environment actions out; traced once."""
+    if "exported" not in vars(agent):
+        low, high, mean, std = (task[k] for k in ("action_low", "action_high", "obs_mean", "obs_std"))
+        policy = nn.ModuleDict({"agent": agent})  # the agent's parameters become the program's
+        policy.forward = lambda obs: low + (agent.act((obs - mean) / std) + 1.0) * 0.5 * (high - low)
+        program = torch.export.export(policy, (torch.zeros(2, len(mean), device=mean.device),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        agent.exported = move_to_device_pass(program, "cpu")  # a copy on the CPU, which any machine loads
+    for name, value in agent.state_dict(prefix="agent.").items():  # this save's weights
+        agent.exported.state_dict[name].data.copy_(value)
+    return agent.exported
+
+
+def load_checkpoint(args: Args) -> tuple[Args, dict]:
+    """--checkpoint's file, or --resume's run and its arguments, which no argument given now may change: a checkpoint
+    this script saved, or one line saying what is wrong."""
+    name = os.path.basename(os.path.normpath(args.resume or "")).split("__")  # {dataset}__{exp_name}__{seed}__{time}
+    path = args.checkpoint or os.path.join(args.resume, f"{name[1] if len(name) == 4 else args.exp_name}.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        algorithm = ckpt["algorithm"] if args.checkpoint or ckpt["loop"] else None  # resuming needs the loop's state
+    except Exception as e:  # no such file, not a checkpoint, or one without the training state
+        fail(f"could not load '{path}' ({type(e).__name__}): pass a checkpoint {Args.exp_name}.py saved under "
+             "runs/<run_name>/ (to --resume: that folder)")
+    if algorithm != Args.exp_name:
+        fail(f"'{path}' was saved by {algorithm}.py, not by {Args.exp_name}.py: pass it to {algorithm}.py")
+    changed = [k for k, v in vars(args).items() if args.resume and k != "resume" and
+               v not in (getattr(Args(), k), ckpt["args"].get(k))]
+    if changed:
+        fail(f"--{changed[0].replace('_', '-')} {getattr(args, changed[0])} would change the run, which has "
+             f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments")
+    return (Args(**{**ckpt["args"], "resume": args.resume}) if args.resume else args), ckpt
+
+
+def restore(ckpt: dict, agent: nn.Module) -> dict:
+    """--resume: the agent, its optimizers and the RNG states as saved; returns the loop's state."""
+    agent.load_state_dict(ckpt["agent"])
+    for name, saved in ckpt["optimizers"].items():
+        groups = getattr(agent, name).param_groups  # live: a scheduled learning rate is the agent's tensor, just loaded
+        getattr(agent, name).load_state_dict(saved)
+        getattr(agent, name).param_groups = groups
+    python, (kind, key, *rest), cpu, cuda = ckpt["rng"]
+    random.setstate(python)
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), *rest))
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(cuda)
+    return ckpt["loop"]
+
+
+def stop_on_signals(stop: dict) -> dict:
+    """SIGTERM (a cluster's notice before it preempts a job; `timeout`) and SIGINT (Ctrl-C): in training (stop["armed"])
+    the first sets stop["signal"], the loop saves after its step and exits 143 or 130; a second or early one exits."""
+    def handler(signum, frame):
+        if not stop.get("armed") or "signal" in stop:
+            os._exit(128 + signum)
+        stop["signal"] = signum
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+    return stop
 
 
 def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
@@ -475,16 +562,11 @@ def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
     return run
 
 
-def evaluate_checkpoint(args: Args, device: torch.device):
+def evaluate_checkpoint(args: Args, ckpt: dict, device: torch.device):
     """--checkpoint: the saved agent on its own environment (--eval-episodes, --seed and --capture-video apply)."""
-    try:
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
-        task, saved = ckpt["task"], Args(**{**ckpt["args"], "checkpoint": None})
-        agent = Agent(len(task["obs_mean"]), len(task["action_low"]), saved, device)
-        agent.load_state_dict(ckpt["agent"])
-    except Exception as e:  # no such file, not a checkpoint, or another script's
-        fail(f"could not load checkpoint '{args.checkpoint}' ({type(e).__name__}): pass a .pt file that "
-             f"{Args.exp_name}.py saved under runs/<run_name>/")
+    task = {k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["task"].items()}
+    agent = Agent(len(task["obs_mean"]), len(task["action_low"]), Args(**ckpt["args"]), device)
+    agent.load_state_dict(ckpt["agent"])
     video_folder = f"videos/eval__{Args.exp_name}__{args.seed}__{int(time.time())}" if args.capture_video else None
     returns = evaluate(agent.act, make_eval_envs(task, args.eval_episodes, video_folder), task, args.seed)
     score, env_id = normalized_score(returns, task), gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
@@ -502,11 +584,12 @@ def keep_freed_memory():
     except OSError:  # not glibc (macOS, Windows, musl): nothing to tune
         return
     libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not from fresh mappings
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of returning it
+    libc.mallopt(-1, 1 << 30)
 
 
 # ---- Main ------------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    stop = stop_on_signals({})
     args = tyro.cli(Args)
     validate(args, {
         f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
@@ -514,6 +597,7 @@ if __name__ == "__main__":
         "--cql-n-actions must be >= 1 and --cql-temp > 0": args.cql_n_actions >= 1 and args.cql_temp > 0,
         "--lagrange-gap (0: off) and --bc-steps must be >= 0": min(args.lagrange_gap, args.bc_steps) >= 0,
     })
+    args, ckpt = load_checkpoint(args) if args.checkpoint or args.resume else (args, {})
     keep_freed_memory()
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -521,23 +605,31 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.checkpoint:
-        sys.exit(evaluate_checkpoint(args, device))
+        sys.exit(evaluate_checkpoint(args, ckpt, device))
 
     data, task = load_data(args, device)
     table, split = transition_table({**data, "rewards": data["rewards"] * args.reward_scale + args.reward_bias}, task)
     run_name = f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    while os.path.exists(f"runs/{run_name}"):  # never write into another run's folder
-        run_name += "_"
-    envs = make_eval_envs(task, args.eval_episodes, f"videos/{run_name}" if args.capture_video else None)
-    writer = SummaryWriter(f"runs/{run_name}")
+    run_dir = args.resume or f"runs/{run_name}"
+    while os.path.exists(run_dir) and not args.resume:  # never write into another run's folder
+        run_dir += "_"
+    video_folder = f"videos/{os.path.basename(os.path.normpath(run_dir))}" if args.capture_video else None
+    envs = make_eval_envs(task, args.eval_episodes, video_folder)
+    # A resumed run continues its curves: TensorBoard drops whatever was logged after the checkpoint's step.
+    writer = SummaryWriter(run_dir, purge_step=ckpt["loop"]["step"] + 1 if ckpt else None)
     hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     agent = Agent(split[0], split[1], args, device)
     train_step = cuda_graph(lambda: agent.update(*minibatch(table, split, args.batch_size)), args, device)
-    scores, eval_time, interval_steps = [], 0.0, 0
-    train_start = interval_start = time.perf_counter()
-    for step in range(1, args.total_steps + 1):
+    loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "eval_time": 0.0, "elapsed": 0.0, "carry": {}}
+    step, scores, eval_time, interval_steps = loop["step"], loop["scores"], loop["eval_time"], 0
+    train_start, interval_start = time.perf_counter() - loop["elapsed"], time.perf_counter()
+    state = lambda: {"step": step, "scores": scores, "eval_time": eval_time, "carry": carry(),  # noqa: E731
+                     "elapsed": time.perf_counter() - train_start}  # the loop's part of a checkpoint
+    carry = lambda: {}  # what CQL keeps between steps beyond the agent and its optimizers: nothing  # noqa: E731
+    stop["armed"] = True  # from here on, SIGTERM and SIGINT stop the run after a whole step, saved
+    for step in range(step + 1, args.total_steps + 1):
         info = train_step()
         interval_steps += 1
         if step % args.log_every == 0 or step == args.total_steps:
@@ -563,9 +655,18 @@ if __name__ == "__main__":
             left = elapsed / step * (args.total_steps - step)
             print(f"{line} | {step / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
+        if stop.get("signal") or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
+            writer.flush()  # the curves up to this step, which a resumed run continues
+            save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
+            interval_start, interval_steps = time.perf_counter(), 0
+        if stop.get("signal"):
+            writer.close()
+            print(f"{signal.Signals(stop['signal']).name} at step {step}/{args.total_steps}: continue with "
+                  f"python {sys.argv[0]} --resume {run_dir}", flush=True)
+            sys.exit(128 + stop["signal"])
 
     if scores:
-        print(f"final score (mean of the last 3 evaluations): {np.mean(scores[-3:]):.1f}")
+        print(f"final score (mean of the last {len(scores[-3:])} evaluations): {np.mean(scores[-3:]):.1f}")
     if args.save_model:
-        save_checkpoint(f"runs/{run_name}/{args.exp_name}.pt", agent, args, task)
+        save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
     writer.close()

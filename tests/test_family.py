@@ -15,7 +15,8 @@ from conftest import PENDULUM_ID, ROOT
 SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py"]
 SHARED = ["episodes_to_transitions", "load_data", "transition_table", "minibatch",  # data
           "make_eval_envs", "evaluate", "normalized_score",  # evaluation
-          "fail", "validate", "load_minari", "save_checkpoint", "cuda_graph", "evaluate_checkpoint"]  # harness
+          "fail", "validate", "load_minari", "save_checkpoint", "export_policy", "load_checkpoint", "restore",  # harness
+          "stop_on_signals", "cuda_graph", "evaluate_checkpoint"]
 # Shared where present: the allocator setting is kept only by the scripts whose speed it changes.
 SHARED_WHERE_PRESENT = ["keep_freed_memory"]
 
@@ -27,7 +28,8 @@ def top_level(script: str) -> dict:
 
 
 def main_loop_blocks(script: str) -> dict:
-    """The logging and evaluation blocks of the training loop, and everything after the loop, as source text."""
+    """The logging, evaluation, checkpoint and stop blocks of the training loop, and everything after the loop, as
+    source text."""
     source = (ROOT / script).read_text()
     main = next(n for n in ast.parse(source).body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
     loop_index, loop = next((i, n) for i, n in enumerate(main.body) if isinstance(n, ast.For))
@@ -35,9 +37,9 @@ def main_loop_blocks(script: str) -> dict:
               enumerate(main.body[loop_index + 1:])}
     for node in loop.body:
         test = ast.unparse(node.test) if isinstance(node, ast.If) else ""
-        for every in ("log_every", "eval_every"):
-            if f"args.{every}" in test:
-                blocks[every] = ast.get_source_segment(source, node)
+        for every in ("args.log_every", "args.eval_every", "args.save_every", "stop.get('signal')"):
+            if every in test:
+                blocks[test] = ast.get_source_segment(source, node)
     return blocks
 
 
@@ -55,7 +57,7 @@ def test_shared_functions_are_the_same_text_in_every_script(name):
 
 def test_the_loops_log_and_evaluate_with_the_same_text():
     reference = main_loop_blocks("iql.py")
-    assert {"log_every", "eval_every"} <= set(reference)
+    assert len(reference) == 4 + 3, sorted(reference)  # four blocks in the loop, three statements after it
     for script in SCRIPTS[1:]:
         assert main_loop_blocks(script) == reference, script
 
