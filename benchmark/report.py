@@ -6,7 +6,11 @@ evaluations) as mean +- std over seeds, the per-seed values, updates per second,
 Reads every run folder under --logdir (TensorBoard logs named {dataset}__{exp_name}__{seed}__{time}, as the scripts
 write them) and every peer result under --logdir/peers/*.json, and writes benchmark/results/{name}.md and .csv, and
 {name}_curves.png: score against gradient steps, one panel per dataset, one line per script (the mean over seeds) with
-a band from the lowest to the highest seed.
+a band from the lowest to the highest seed. Without matplotlib it writes the tables and says it skipped the curves.
+
+A run stopped and resumed (`--resume`) holds one event file per session; they read as one curve (a resumed session
+drops what the earlier one logged after the checkpoint's step), and its wall time is the sum of the sessions' own spans,
+without the time between them.
 """
 
 import csv
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 
 @dataclass
@@ -30,7 +35,20 @@ class Args:
     last: int = 3
     """evaluations averaged into a run's final score"""
     curves: bool = True
-    """also draw {name}_curves.png (needs matplotlib: pip install -r benchmark/requirements.txt)"""
+    """also draw {name}_curves.png (needs matplotlib: pip install -r benchmark/requirements.txt; without it the tables
+    are written and the curves skipped, with a note)"""
+
+
+def wall_minutes(run_dir: Path) -> float:
+    """Minutes from the first to the last scalar of each event file, summed over the files: a resumed run writes one
+    file per session, and the time between a stop and the resumption is not the run's."""
+    seconds = 0.0
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        times = [e.wall_time for e in EventFileLoader(str(path)).Load()
+                 if any(v.HasField("simple_value") or v.metadata.plugin_data.plugin_name == "scalars"
+                        for v in e.summary.value)]
+        seconds += max(times) - min(times) if times else 0.0
+    return seconds / 60
 
 
 def read_run(run_dir: Path, last: int) -> dict:
@@ -40,13 +58,12 @@ def read_run(run_dir: Path, last: int) -> dict:
     dataset, exp_name, seed, _ = run_dir.name.split("__")
     score_tag = "eval/normalized_score" if "eval/normalized_score" in tags else "eval/return"
     evals = acc.Scalars(score_tag)
-    wall = [e.wall_time for t in tags for e in acc.Scalars(t)]
     return {
         "script": exp_name, "dataset": dataset, "seed": int(seed), "metric": score_tag.split("/")[1],
         "final": float(np.mean([e.value for e in evals[-last:]])), "steps": evals[-1].step,
         "updates_per_second": float(np.median([e.value for e in acc.Scalars("charts/updates_per_second")])),
         "peak_memory_mb": max(e.value for e in acc.Scalars("charts/peak_memory_mb")),
-        "wall_minutes": (max(wall) - min(wall)) / 60,
+        "wall_minutes": wall_minutes(run_dir),
         "curve": [(e.step, e.value) for e in evals],
     }
 
@@ -64,13 +81,13 @@ def read_peer(path: Path, last: int) -> dict:
     }
 
 
-def plot_curves(runs: list, path: Path):
-    """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed."""
+def plot_curves(runs: list, path: Path) -> bool:
+    """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed.
+    Returns False, drawing nothing, without matplotlib."""
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("report.py: error: the curves need matplotlib: pip install -r benchmark/requirements.txt "
-                         "(or pass --no-curves)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -93,6 +110,7 @@ def plot_curves(runs: list, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(args: Args):
@@ -124,8 +142,9 @@ def main(args: Args):
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.curves:
-        plot_curves(runs, args.out / f"{args.name}_curves.png")
-        print(f"wrote {args.out / f'{args.name}_curves.png'}")
+        png = args.out / f"{args.name}_curves.png"
+        print(f"wrote {png}" if plot_curves(runs, png) else f"skipped {png.name}: the curves need matplotlib (pip "
+              "install -r benchmark/requirements.txt); the tables are written (--no-curves skips the curves quietly)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""benchmark/report.py on a tiny hand-made log folder: the table's rows, the final score's averaging, the CSV."""
+"""benchmark/report.py on tiny hand-made log folders: the table's rows, the final score's averaging, the CSV, a resumed
+run's curve and wall time, and the tables without matplotlib."""
 
 import csv
 import json
@@ -37,3 +38,30 @@ def test_report_averages_the_last_three_evaluations_per_seed(tmp_path):
     assert "| 3.0 +- 0.0 | 3.0 |" in rows["d3rlpy_iql"]
     with open(tmp_path / "out" / "t.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_a_resumed_run_reads_as_one_curve_and_its_wall_time_skips_the_gap(tmp_path):
+    """Two sessions in one run folder, as --resume leaves them: the first logged steps 100-400 from t=1000 s (its
+    checkpoint was at 300), the second, hours later, continues after the checkpoint with purge_step=301."""
+    run_dir = tmp_path / "logs" / "test-hopper-v0__iql__1__1700000000"
+    sessions = ((None, {100: 1.0, 200: 2.0, 300: 3.0, 400: 4.0}, 1000.0),  # 3 minutes of logs
+                (301, {400: 40.0, 500: 50.0, 600: 60.0}, 9000.0))  # 2 minutes of logs
+    for purge_step, scores, start in sessions:
+        with SummaryWriter(run_dir, purge_step=purge_step) as w:
+            for i, (step, score) in enumerate(scores.items()):
+                for tag, value in (("eval/normalized_score", score), ("charts/updates_per_second", 50.0),
+                                   ("charts/peak_memory_mb", 100.0)):
+                    w.add_scalar(tag, value, step, walltime=start + 60.0 * i)
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    run = report.read_run(run_dir, last=3)
+    assert run["curve"] == [(100, 1.0), (200, 2.0), (300, 3.0), (400, 40.0), (500, 50.0), (600, 60.0)]
+    assert run["final"] == 50.0 and run["steps"] == 600
+    assert abs(run["wall_minutes"] - 5.0) < 1e-6  # 3 + 2, not the two hours from the first log to the last
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_curves_skipped(tmp_path, monkeypatch, capsys):
+    fake_run(tmp_path / "logs", "iql", 1, [1.0, 2.0, 3.0])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    report.main(report.Args(logdir=tmp_path / "logs", name="t", out=tmp_path / "out"))  # returns: exit code 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.csv", "t.md"]
+    assert "skipped t_curves.png: the curves need matplotlib" in capsys.readouterr().out
