@@ -1,12 +1,15 @@
 """benchmark/run.py on a tiny grid (two scripts, the test Hopper dataset, two seeds, a hundred steps), then
-benchmark/report.py on what it wrote; and the same kind of run through a local Ray instance."""
+benchmark/report.py on what it wrote; a sweep stopped by --time-limit and continued by the next call; and the same kind
+of run through a local Ray instance."""
 
 import json
 import os
+import re
 import sys
 
 import pytest
 from conftest import HOPPER_ID, ROOT, run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(ROOT / "benchmark"))
 import report  # noqa: E402
@@ -53,6 +56,58 @@ def test_failed_run_is_not_marked_finished(minari_root, tmp_path):
     assert result.returncode == 1 and "1 run(s) failed" in result.stderr
     assert not list((out / "done").iterdir())
     assert "--expectile must lie in (0, 1)" in (out / "logs" / "test-hopper-random-v0__iql_bad__1.log").read_text()
+
+
+def test_time_limit_cuts_runs_and_the_same_command_resumes_them(minari_root, tmp_path):
+    """A run stopped by --time-limit keeps its checkpoint under cut/ (exit code 3); the same command again continues it
+    from that checkpoint (exit code 0), and its curve covers every step once."""
+    def sweep_args(out, steps):
+        return ("benchmark/run.py", "--scripts", "iql.py", "--dataset-ids", HOPPER_ID, "--seeds", "1", "--threads", "1",
+                f"--args=--total-steps {steps} --batch-size 32 --eval-every 500 --eval-episodes 1 --log-every 50 "
+                "--no-cuda", "--out", str(out))
+
+    # Stop the run a few seconds into its training: about 1000 of its 3000 steps on two busy CPU cores. A machine that
+    # has not begun training by then (the run exits unsaved and counts as not started) gets more time; one so fast
+    # that the run finished, or was stopped only as it ended, gets a longer run.
+    steps, stop_after = 3000, 8
+    for attempt in range(4):
+        out = tmp_path / f"sweep{attempt}"
+        first = run_script(*sweep_args(out, steps), "--time-limit", str(stop_after + 2), "--stop-grace", "2", cwd=ROOT)
+        log = out / "logs" / "test-hopper-random-v0__iql__1.log"
+        stopped = re.search(r"SIGTERM at step (\d+)/", log.read_text() if log.exists() else "")
+        if stopped and int(stopped.group(1)) < steps:
+            break
+        if first.returncode == 3 and "1 run(s) not started" in first.stdout:
+            stop_after *= 2
+        else:
+            steps *= 4
+    assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "1 run(s) cut off" in first.stdout and "Run the same command again" in first.stdout
+    assert not list((out / "runs").iterdir()) and not list((out / "done").iterdir())
+    folder = next(p for p in (out / "cut").iterdir() if p.is_dir())
+    assert folder.name.startswith("test-hopper-random-v0__iql__1__") and (folder / "iql.pt").is_file()
+    cut_step = int(stopped.group(1))
+
+    # The grid's arguments must stay those the cut run started with; the same ones resume it, with --resume alone.
+    other = run_script(*sweep_args(out, steps + 1), "--dry-run", cwd=ROOT)
+    assert other.returncode == 2 and "was started with other arguments" in other.stderr, other.stdout + other.stderr
+    dry = run_script(*sweep_args(out, steps), "--dry-run", cwd=ROOT)
+    assert dry.returncode == 0 and f"python iql.py --resume {folder}" in dry.stdout, dry.stdout + dry.stderr
+
+    second = run_script(*sweep_args(out, steps), cwd=ROOT)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert not list((out / "cut").iterdir()) and (out / "done" / "test-hopper-random-v0__iql__1.json").exists()
+    resumed = log.read_text().split("run.py: resuming")[1]
+    first_step = int(re.search(r"^step (\d+)/", resumed, re.MULTILINE).group(1))
+    assert first_step == min((cut_step // 500 + 1) * 500, steps) and f"step {steps}/{steps}" in resumed
+    run_dir = out / "runs" / folder.name
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 2 and (run_dir / "iql.pt").is_file()
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag, every in (("eval/normalized_score", 500), ("losses/critic_loss", 50)):  # and at the last step
+        assert [e.step for e in acc.Scalars(tag)] == sorted({*range(every, steps + 1, every), steps}), tag
+    third = run_script(*sweep_args(out, steps), cwd=ROOT)
+    assert third.returncode == 0 and "1 already finished" in third.stdout and "0 to run" in third.stdout
 
 
 def test_variants_are_named_and_names_are_distinct(tmp_path):
