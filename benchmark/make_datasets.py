@@ -18,8 +18,9 @@ scores, and Hopper-v5 as its evaluation environment. Written with minari.create_
 jax. A dataset that already exists is left as it is (delete its folder to rebuild it). At the end the mean normalized
 episode score of each dataset is printed: medium 38.4, medium-replay 7.9, expert 85.7, medium-expert 53.4 in the
 collection the results were made with. medium-replay is rebuilt exactly; the rollout datasets depend on the policies'
-noise (--seed): the default seed gives 37.9, 85.5 and 52.9, and seeds 0-5 scattered over 37.7-39.3 (medium),
-81.2-86.9 (expert: a few early falls move it) and 52.0-54.3 (medium-expert).
+noise (--seed) and move by about a point from machine to machine: the default seed gave 37.9, 85.5 and 52.9 on one
+CPU and 38.2, 86.5 and 53.3 on another, and seeds 0-5 scattered over 37.7-39.3 (medium), 81.2-86.9 (expert: a few
+early falls move it) and 52.0-54.3 (medium-expert) on one machine.
 """
 
 import os
