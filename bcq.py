@@ -319,17 +319,18 @@ def make_eval_envs(task: dict, n: int, video_folder: str | None) -> list:
 
 
 @torch.no_grad()
-def evaluate(policy, envs: list, task: dict, seed: int) -> np.ndarray:
+def evaluate(policy, envs: list, task: dict, seed: int, discount: float = 1.0) -> np.ndarray:
     """One episode per environment, stepped together: one policy call (standardized observations to actions in [-1, 1])
-    per time step for the unfinished ones. Episode i starts from reset(seed=seed + i) and ends at the time limit."""
+    per time step for the unfinished ones. Episode i starts from reset(seed=seed + i) and ends at the time limit.
+    Returns each episode's return, discounted when a discount is given (fqe.py's ground truth)."""
     obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
     returns, running, low, high = np.zeros(len(envs)), list(range(len(envs))), task["action_low"], task["action_high"]
-    for _ in range(gym.envs.registration.EnvSpec.from_json(task["env_spec"]).max_episode_steps or 1000):
+    for t in range(gym.envs.registration.EnvSpec.from_json(task["env_spec"]).max_episode_steps or 1000):
         x = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=low.device)
         actions = policy((x - task["obs_mean"]) / task["obs_std"])
         for i, action in zip(list(running), (low + (actions + 1.0) * 0.5 * (high - low)).cpu().numpy()):
             obs[i], reward, terminated, truncated, _ = envs[i].step(action)
-            returns[i] += float(reward)
+            returns[i] += float(reward) * discount**t
             if terminated or truncated:
                 running.remove(i)
         if not running:
@@ -356,11 +357,7 @@ def validate(args: Args, rules: dict):
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
         rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
-    rules[f"--save-every must be >= 0 (0: no periodic checkpoints), got {args.save_every}"] = args.save_every >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
-    rules["--checkpoint needs --eval-episodes >= 1"] = not args.checkpoint or args.eval_episodes > 0
-    rules["pass --checkpoint (evaluate a policy) or --resume (continue a run), not both"] = not (args.checkpoint
-                                                                                              and args.resume)
     for message, ok in rules.items():
         if not ok:
             fail(message)
@@ -428,14 +425,16 @@ def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict, loop: d
             "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
             "rng": [random.getstate(), (numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]), torch.get_rng_state(),
                     torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []]}
-    for file, content, save in ((path, ckpt, torch.save),
-                                (path[:-3] + "_policy.pt2", export_policy(agent, task), torch.export.save)):
+    files = [(path, ckpt, torch.save)]
+    if hasattr(agent, "act"):  # fqe.py's agent has no policy of its own
+        files.append((path[:-3] + "_policy.pt2", export_policy(agent, task), torch.export.save))
+    for file, content, save in files:
         with open(f"{file}.tmp", "wb") as f:
             save(content, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(f"{file}.tmp", file)
-    print(f"saved {path} and its policy at step {loop['step']}", flush=True)
+    print(f"saved {path}{' and its policy' * (len(files) > 1)} at step {loop['step']}", flush=True)
 
 
 def export_policy(agent: nn.Module, task: dict) -> torch.export.ExportedProgram:
@@ -455,6 +454,8 @@ def export_policy(agent: nn.Module, task: dict) -> torch.export.ExportedProgram:
 def load_checkpoint(args: Args) -> tuple[Args, dict]:
     """--checkpoint's file, or --resume's run and its arguments, which no argument given now may change: a checkpoint
     this script saved, or one line saying what is wrong."""
+    if args.checkpoint and (args.resume or args.eval_episodes < 1):
+        fail("--checkpoint evaluates a saved policy: it needs --eval-episodes >= 1, and no --resume")
     name = os.path.basename(os.path.normpath(args.resume or "")).split("__")  # {dataset}__{exp_name}__{seed}__{time}
     path = args.checkpoint or os.path.join(args.resume, f"{name[1] if len(name) == 4 else args.exp_name}.pt")
     try:
@@ -605,7 +606,7 @@ if __name__ == "__main__":
             left = elapsed / step * (args.total_steps - step)
             print(f"{line} | {step / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
-        if stop.get("signal") or (args.save_every and step % args.save_every == 0 and step < args.total_steps):
+        if stop.get("signal") or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
             writer.flush()  # the curves up to this step, which a resumed run continues
             save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
             interval_start, interval_steps = time.perf_counter(), 0

@@ -13,6 +13,9 @@ import torch
 from conftest import PENDULUM_ID, ROOT
 
 SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py"]
+# fqe.py evaluates a policy instead of training one: it carries the data, evaluation and harness functions it needs,
+# no checkpoints, resume or policy export, and each one it carries must be the same text as the five's.
+FQE = "fqe.py"
 SHARED = ["episodes_to_transitions", "load_data", "transition_table", "minibatch",  # data
           "make_eval_envs", "evaluate", "normalized_score",  # evaluation
           "fail", "validate", "load_minari", "save_checkpoint", "export_policy", "load_checkpoint", "restore",  # harness
@@ -45,10 +48,11 @@ def main_loop_blocks(script: str) -> dict:
 
 @pytest.mark.parametrize("name", SHARED + SHARED_WHERE_PRESENT)
 def test_shared_functions_are_the_same_text_in_every_script(name):
-    copies = {script: top_level(script).get(name) for script in SCRIPTS}
+    copies = {script: top_level(script).get(name) for script in [*SCRIPTS, FQE]}
     present = {script: text for script, text in copies.items() if text is not None}
     if name in SHARED:
-        assert len(present) == len(SCRIPTS), f"{name} is missing from {sorted(set(copies) - set(present))}"
+        missing = sorted(set(SCRIPTS) - set(present))
+        assert not missing, f"{name} is missing from {missing}"
     assert present, name
     reference = present["iql.py"] if "iql.py" in present else next(iter(present.values()))
     drifted = [script for script, text in present.items() if text != reference]
@@ -60,11 +64,19 @@ def test_the_loops_log_and_evaluate_with_the_same_text():
     assert len(reference) == 4 + 3, sorted(reference)  # four blocks in the loop, three statements after it
     for script in SCRIPTS[1:]:
         assert main_loop_blocks(script) == reference, script
+    log_block = [k for k in reference if "args.log_every" in k]
+    assert [main_loop_blocks(FQE)[k] for k in log_block] == [reference[k] for k in log_block]
+
+
+def test_fqe_carries_the_data_evaluation_and_loading_it_needs():
+    carried = set(top_level(FQE)) & set(SHARED)
+    assert {"episodes_to_transitions", "load_data", "transition_table", "make_eval_envs", "evaluate", "fail",
+            "validate", "load_minari", "cuda_graph"} <= carried, sorted(carried)
 
 
 def test_each_script_reads_in_the_conventional_order():
     """Args, data, networks, the algorithm, evaluation, the harness, main: a reader meets the algorithm first."""
-    for script in SCRIPTS:
+    for script in [*SCRIPTS, FQE]:
         headers = [line.split("----")[1].strip() for line in (ROOT / script).read_text().splitlines()
                    if line.startswith("# ---- ")]
         names = [h.split(":")[0].split(" ")[0].lower() for h in headers]

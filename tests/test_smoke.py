@@ -302,7 +302,7 @@ def test_checkpoint_and_resume_mistakes_are_one_line(script, minari_root, tmp_pa
                        "--seed 4 would change the run, which has 3")
     assert_clear_error(run_script(script, "--resume", str(tmp_path), cwd=tmp_path), str(tmp_path), "--resume")
     assert_clear_error(run_script(script, "--resume", str(own), "--checkpoint", str(own / f"{script[:-3]}.pt"),
-                                  cwd=tmp_path), "not both")
+                                  cwd=tmp_path), "and no --resume")
     assert {p: p.stat().st_mtime_ns for p in own.iterdir()} == files and not (tmp_path / "runs").exists()
 
 

@@ -1,0 +1,437 @@
+"""Fitted Q Evaluation (FQE): the value of a trained policy, estimated from logged data alone, with no simulator.
+
+Le, Voloshin, Yue (2019), "Batch Policy Learning under Constraints", arXiv:1903.08738, for continuous actions as in
+Paine et al. (2020), arXiv:2007.09055, and the DOPE benchmark, Fu et al. (2021), arXiv:2103.16596. Q is regressed onto
+its own Bellman backup under the evaluated policy pi, on the dataset's transitions only, and the policy's discounted
+value J(pi) is Q averaged over the dataset's episode starts:
+    L_Q   = E_D[ (r + gamma * (1 - done) * Q'(s', pi(s')) - Q(s, a))^2 ],     J(pi) ~ mean_{s0 in D} Q(s0, pi(s0))
+Uncertainty by the bootstrap over episodes (Kostrikov, Nachum 2020, arXiv:2007.13609): fit b counts each episode
+w_b ~ Multinomial(E, 1/E) times, and the spread of the fits' estimates gives a 95% interval.
+Run: python fqe.py --policy runs/<run_name>/iql_policy.pt2 --dataset-id mujoco/hopper/medium-v0
+"""
+
+import logging
+import os
+import random
+import resource
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.export.passes import move_to_device_pass
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed for torch, numpy, random, the bootstrap resamples and the Monte Carlo episodes"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when available"""
+    cudagraphs: bool = True
+    """on CUDA, capture the training step once in a CUDA graph and replay it (ignored on CPU)"""
+    dataset_id: str = "mujoco/hopper/medium-v0"
+    """Minari dataset id (local datasets are found under MINARI_DATASETS_PATH)"""
+    download: bool = True
+    """let Minari download the dataset if it is not found locally"""
+    total_steps: int = 250_000
+    """number of gradient steps (DOPE runs 1M)"""
+    batch_size: int = 256
+    """minibatch size"""
+    eval_every: int = 5_000
+    """gradient steps between estimates of J(pi)"""
+    eval_episodes: int = 0
+    """episodes of pi in the dataset's environment at the end: the Monte Carlo value beside the estimate (0: none)"""
+    log_every: int = 1_000
+    """gradient steps between loss logs"""
+    normalize_states: bool = True
+    """z-score observations for the Q networks (DOPE's choice; the policy always sees raw observations)"""
+
+    # Algorithm specific arguments
+    policy: str | None = None
+    """the policy to evaluate: a runs/<run_name>/{script}_policy.pt2 that the training scripts export"""
+    discount: float = 0.99
+    """discount factor gamma of the value estimated"""
+    tau: float = 0.005
+    """target-network smoothing coefficient"""
+    critic_lr: float = 3e-4
+    """learning rate of the Q networks (AdamW)"""
+    weight_decay: float = 1e-5
+    """decoupled weight decay per step, as DOPE's TF-Addons AdamW applies it (not scaled by the learning rate)"""
+    hidden_dims: tuple[int, ...] = (256, 256)
+    """hidden layer sizes of each Q network"""
+    num_bootstrap: int = 10
+    """bootstrap fits beside the full-data fit, for the interval (0: the estimate alone)"""
+    normalize_reward: bool = True
+    """fit rewards divided by their std (minus their mean if no episode terminates), as DOPE; estimates in raw units"""
+    clip_targets: bool = True
+    """clip targets to [min r, max r] / (1 - gamma), the range any policy's value lies in (DOPE)"""
+
+
+# ---- Data ------------------------------------------------------------------------------------------------------------
+def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
+    """s = obs[:-1] and s' = obs[1:] inside each episode (no pair crosses an episode end); only terminations stop
+    bootstrapping (a time-limit truncation is not terminal); dict observations concatenated in the space's key order."""
+    parts = {"observations": [], "actions": [], "rewards": [], "next_observations": [], "terminals": []}
+    for ep in episodes:
+        obs = ep.observations
+        if isinstance(observation_space, gym.spaces.Dict):
+            obs = np.concatenate([np.asarray(obs[k]).reshape(len(obs[k]), -1) for k in observation_space.spaces], 1)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions).reshape(len(ep.actions), -1))
+        parts["rewards"].append(np.asarray(ep.rewards))
+        parts["terminals"].append(np.asarray(ep.terminations))
+    return {**{k: np.concatenate(v).astype(np.float32) for k, v in parts.items()},
+            "episode_returns": np.array([np.sum(r) for r in parts["rewards"]]),
+            "episode_lengths": np.array([len(r) for r in parts["rewards"]])}
+
+
+# ---- Networks --------------------------------------------------------------------------------------------------------
+class StackedQ(nn.Module):
+    """The Q networks of all fits with stacked weights (fit 0 on the whole dataset, the others on bootstrap resamples):
+    each layer is one batched matmul over every fit. Glorot-uniform weights and zero biases, DOPE's (Keras) default."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims, num_q: int):
+        super().__init__()
+        dims = [obs_dim + action_dim, *hidden_dims, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            w = torch.empty(num_q, d_in, d_out)
+            for i in range(num_q):
+                nn.init.xavier_uniform_(w[i].T)  # as one nn.Linear per fit
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(num_q, 1, d_out)))
+        self.num_q = num_q
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Returns Q values of shape (num_q, batch)."""
+        x = torch.cat([obs, actions], dim=-1).expand(self.num_q, -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if i < len(self.weights) - 1:
+                x = torch.relu_(torch.baddbmm(b, x, w))  # in place: baddbmm's backward needs only its inputs
+            else:
+                # One output unit as a product and a sum: as a matmul, its input gradient is an outer product that a
+                # CPU's batched GEMM computes several times slower than this elementwise backward.
+                x = (x * w.transpose(1, 2)).sum(-1) + b.squeeze(-1)
+        return x
+
+
+# ---- The algorithm: the Bellman target of pi, the bootstrap, then the fit and its estimate ---------------------------
+def fqe_target(rewards, terminals, next_q: torch.Tensor, discount: float, low: float, high: float) -> torch.Tensor:
+    """r + gamma * (1 - done) * Q'(s', pi(s')), with pi's action at s', never the dataset's: the backup of pi's value,
+    not the behaviour policy's. A termination stops bootstrapping; a time-limit truncation does not. Clipped to [low,
+    high], the range of every policy's value, which keeps early, extrapolated targets in bounds (DOPE)."""
+    return (rewards + discount * (1.0 - terminals) * next_q).clamp(low, high)
+
+
+def bootstrap_weights(lengths: torch.Tensor, num_bootstrap: int) -> torch.Tensor:
+    """(episodes, 1 + num_bootstrap) counts: the full-data fit counts each episode once; each bootstrap fit draws the
+    dataset's E episodes with replacement, E times, and counts how often it drew each one."""
+    draws = torch.randint(len(lengths), (num_bootstrap, len(lengths)), device=lengths.device)
+    counts = torch.zeros(num_bootstrap, len(lengths), device=lengths.device).scatter_add_(1, draws, torch.ones_like(
+        draws, dtype=torch.float32))
+    return torch.cat([torch.ones(len(lengths), 1, device=lengths.device), counts.T], 1)
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, device: torch.device):
+        super().__init__()
+        self.args = args
+        self.critic = StackedQ(obs_dim, action_dim, args.hidden_dims, 1 + args.num_bootstrap)
+        self.target_critic = StackedQ(obs_dim, action_dim, args.hidden_dims, 1 + args.num_bootstrap)
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_critic.requires_grad_(False)
+        self.to(device)
+        # fused: one kernel per optimizer; capturable: cuda_graph can capture it. AdamW decays by lr * weight_decay per
+        # step; DOPE's optimizer by weight_decay alone, hence the division.
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr, fused=True,
+                                            weight_decay=args.weight_decay / args.critic_lr,
+                                            capturable=device.type == "cuda" and args.cudagraphs)
+        self.online, self.targets = list(self.critic.parameters()), list(self.target_critic.parameters())
+
+    def update(self, obs, actions, rewards, next_obs, terminals, next_actions, weights, low, high) -> dict:
+        """One regression step of every fit towards its target network's backup; weights (batch, fits) are each
+        transition's bootstrap counts. Q is the network's output / (1 - gamma), so that the network works on the scale
+        of one step's reward whatever gamma is (DOPE)."""
+        scale = 1.0 / (1.0 - self.args.discount)
+        with torch.no_grad():
+            next_q = self.target_critic(next_obs, next_actions) * scale
+            q_target = fqe_target(rewards, terminals, next_q, self.args.discount, low, high)
+        q = self.critic(obs, actions) * scale
+        weights = weights.T  # (fits, batch)
+        td_loss = (weights * (q - q_target).pow(2)).sum(1) / weights.sum(1).clamp(min=1.0)  # each fit's weighted MSE
+        self.critic_opt.zero_grad(set_to_none=True)
+        td_loss.sum().backward()
+        self.critic_opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.targets, self.online, self.args.tau)
+        return {
+            "losses/td_loss": td_loss[0].detach(),
+            "losses/td_loss_bootstrap": td_loss[1:].detach().mean() if len(td_loss) > 1 else torch.zeros(()),
+            "values/q_data": q[0].detach().mean(),
+            "values/q_target": q_target[0].mean(),
+        }
+
+    @torch.no_grad()
+    def estimate(self, start_obs: torch.Tensor, start_actions: torch.Tensor, start_weights: torch.Tensor):
+        """Each fit's J(pi): its target network's Q(s0, pi(s0)) averaged over the episode starts it counts, as DOPE."""
+        q = self.target_critic(start_obs, start_actions) / (1.0 - self.args.discount)
+        return (q * start_weights.T).sum(1) / start_weights.sum(0)
+
+
+# ---- Evaluation ------------------------------------------------------------------------------------------------------
+def make_eval_envs(task: dict, n: int, video_folder: str | None) -> list:
+    """n copies of the task's evaluation environment, time limit included; the first records video when asked to."""
+    spec = gym.envs.registration.EnvSpec.from_json(task["env_spec"])
+    if spec.max_episode_steps is None and n:
+        print(f"note: {spec.id} has no time limit in its spec; evaluation episodes end after 1000 steps")
+    try:
+        envs = [gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None) for i in range(n)]
+        if video_folder and n:
+            envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
+    except Exception as e:
+        fail(f"could not create {spec.id} for evaluation ({type(e).__name__}: {str(e).splitlines()[0]}); MuJoCo needs "
+             "`pip install gymnasium[mujoco]`, --capture-video needs moviepy and, without a display, MUJOCO_GL=egl")
+    return [gym.wrappers.FlattenObservation(e) if isinstance(e.observation_space, gym.spaces.Dict) else e for e in envs]
+
+
+@torch.no_grad()
+def evaluate(policy, envs: list, task: dict, seed: int, discount: float = 1.0) -> np.ndarray:
+    """One episode per environment, stepped together: one policy call (standardized observations to actions in [-1, 1])
+    per time step for the unfinished ones. Episode i starts from reset(seed=seed + i) and ends at the time limit.
+    Returns each episode's return, discounted when a discount is given (fqe.py's ground truth)."""
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    returns, running, low, high = np.zeros(len(envs)), list(range(len(envs))), task["action_low"], task["action_high"]
+    for t in range(gym.envs.registration.EnvSpec.from_json(task["env_spec"]).max_episode_steps or 1000):
+        x = torch.as_tensor(np.stack([obs[i] for i in running]), dtype=torch.float32, device=low.device)
+        actions = policy((x - task["obs_mean"]) / task["obs_std"])
+        for i, action in zip(list(running), (low + (actions + 1.0) * 0.5 * (high - low)).cpu().numpy()):
+            obs[i], reward, terminated, truncated, _ = envs[i].step(action)
+            returns[i] += float(reward) * discount**t
+            if terminated or truncated:
+                running.remove(i)
+        if not running:
+            break
+    return returns
+
+
+# ---- Harness: loading, user errors, CUDA graphs; not the algorithm, the same text as in the training scripts ----
+def fail(message: str):
+    """A user's mistake: one line on stderr, no traceback, exit code 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: Args, rules: dict):
+    """Refuses impossible arguments before anything is loaded. rules maps a message to the condition it needs."""
+    for name in ("total_steps", "batch_size", "eval_every", "log_every"):
+        rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
+    rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
+    rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
+    for message, ok in rules.items():
+        if not ok:
+            fail(message)
+
+
+def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
+    """minari.load_dataset; its errors, and spaces these policies cannot handle, become one line saying what to do."""
+    root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+    if not dataset_id.rpartition("-v")[2].isdigit():
+        fail(f"'{dataset_id}' is not a dataset id: ids end in -v and a version, as in 'mujoco/hopper/medium-v0'")
+    try:
+        dataset = minari.load_dataset(dataset_id, download=download)
+    except Exception as e:  # unknown ids, network errors, unreadable files
+        why = "not found locally, and --no-download is set" if isinstance(e, FileNotFoundError) and not download else \
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        fail(f"could not load dataset '{dataset_id}' ({why}); MINARI_DATASETS_PATH={root} holds: "
+             f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local "
+             "datasets only, and this project's `python benchmark/make_datasets.py` builds local/hopper/*")
+    obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
+    if not isinstance(space, gym.spaces.Box):
+        fail(f"{Args.exp_name}.py needs continuous (Box) actions; '{dataset_id}' has {space}: pick another dataset")
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        fail(f"the action space is unbounded; {Args.exp_name}.py rescales actions to [-1, 1] and needs finite bounds")
+    if not all(isinstance(s, gym.spaces.Box) and len(s.shape) == 1 for s in
+               (obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space])):
+        fail(f"observations must be a flat Box vector (or a dict of them, concatenated); got {obs_space}")
+    return dataset
+
+
+def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
+    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
+    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
+    dataset = load_minari(args.dataset_id, args.download)
+    data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
+    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
+    data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
+    mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    if not args.normalize_states:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
+    meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
+    task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
+            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
+            **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
+    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
+        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
+        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
+    return data, task
+
+
+def transition_table(data: dict, task: dict, standardize: bool = True) -> tuple[torch.Tensor, list]:
+    """All transitions as one (N, row) tensor on the device (a minibatch is one gather), observations standardized."""
+    t = lambda key: torch.as_tensor(data[key], device=task["obs_mean"].device)  # noqa: E731
+    mean, std = (task["obs_mean"], task["obs_std"]) if standardize else (0.0, 1.0)
+    columns = [(t("observations") - mean) / std, t("actions"), t("rewards")[:, None],
+               (t("next_observations") - mean) / std, t("terminals")[:, None]]
+    return torch.cat(columns, 1), [c.shape[1] for c in columns]
+
+
+def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
+    """On CUDA, step (no arguments, tensors out) replayed from one CUDA graph: its first `warmup` calls run eagerly on a
+    side stream (real updates, which create the optimizers' state), the next is captured, and each call replays it."""
+    if device.type != "cuda" or not args.cudagraphs:
+        return step
+    graph, side, outputs = torch.cuda.CUDAGraph(), torch.cuda.Stream(), []
+
+    def run():
+        if len(outputs) < warmup:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), warnings.catch_warnings(action="ignore"):  # capturable optimizers warn here
+                outputs.append(step())
+            torch.cuda.current_stream().wait_stream(side)
+        elif len(outputs) == warmup:  # capture records the kernels without running them; the replay runs them
+            with torch.cuda.graph(graph):
+                outputs.append(step())
+        if len(outputs) > warmup:
+            graph.replay()
+        return outputs[-1]  # after the capture, static tensors that every replay rewrites
+    return run
+
+
+def load_policy(path: str, task: dict, device: torch.device):
+    """An exported policy as a function of standardized observations to actions in [-1, 1], like the scripts' act (the
+    program itself takes raw observations and returns environment actions); or one line saying what is wrong."""
+    mean, std, low, high = (task[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))
+    logging.getLogger("torch.export").setLevel(logging.ERROR)  # a file it cannot read: a warning with a traceback
+    try:
+        policy = move_to_device_pass(torch.export.load(path), device).module()
+    except Exception as e:  # no such file, or not a torch.export program
+        fail(f"could not load the policy '{path}' ({type(e).__name__}): pass the <script>_policy.pt2 that a training "
+             "script wrote beside its checkpoint")
+    try:
+        with torch.no_grad():
+            shape = tuple(policy(mean.expand(2, -1)).shape)
+    except Exception:  # its observation size is not the dataset's
+        shape = None
+    if shape != (2, len(low)):
+        fail(f"the policy '{path}' does not fit the dataset: it must take observations of size {len(mean)} and return "
+             f"actions of size {len(low)} (it gave {shape}); evaluate it on data of the task it was trained for")
+    return lambda obs: 2.0 * (policy(obs * std + mean) - low) / (high - low) - 1.0
+
+
+# ---- Main ------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))  # Ctrl-C: stop at once, without a traceback
+    args = tyro.cli(Args)
+    validate(args, {
+        "--policy is needed: the runs/<run_name>/<script>_policy.pt2 to evaluate": args.policy is not None,
+        f"--discount must lie in [0, 1), got {args.discount}": 0.0 <= args.discount < 1.0,
+        f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
+        f"--num-bootstrap must be 0 or >= 2 (a spread needs two fits), got {args.num_bootstrap}":
+            args.num_bootstrap == 0 or args.num_bootstrap >= 2,
+    })
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    data, task = load_data(args, device)
+    act = load_policy(args.policy, task, device)
+    # As DOPE: rewards / their std, minus their mean only when no episode terminates (a shift would change what ending
+    # an episode is worth); targets clipped to the range of every policy's value. Estimates go back to raw units.
+    shift = float(data["rewards"].mean()) if args.normalize_reward and not data["terminals"].any() else 0.0
+    scale = float(data["rewards"].std()) + 1e-6 if args.normalize_reward else 1.0
+    rewards = (data["rewards"] - shift) / scale
+    bounds = (rewards.min(), rewards.max()) if args.clip_targets else (-np.inf, np.inf)
+    table, split = transition_table({**data, "rewards": rewards}, task)
+    obs, _, _, next_obs, _ = table.split(split, dim=1)
+    lengths = torch.as_tensor(data["episode_lengths"], device=device)
+    starts = torch.cumsum(lengths, 0) - lengths  # each episode's first transition
+    # (1) pi's actions at every s' and at every episode start, computed once: an update touches the Q networks alone.
+    # A policy that draws at random (BCQ's candidates) gets one draw per state, an unbiased sample of its backup.
+    with torch.no_grad():
+        next_actions = torch.cat([act(x) for x in next_obs.split(65536)])
+        start_obs, start_actions = obs[starts], act(obs[starts])
+    # (2) The bootstrap: every fit's count of each episode, given to all of the episode's transitions.
+    weights = bootstrap_weights(lengths, args.num_bootstrap)
+    table = torch.cat([table, next_actions, weights.repeat_interleave(lengths, 0)], 1)
+    split = [*split, split[1], weights.shape[1]]
+    run_name = f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    while os.path.exists(run_dir):  # never write into another run's folder
+        run_dir += "_"
+    writer = SummaryWriter(run_dir)
+    hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
+
+    agent = Agent(split[0], split[1], args, device)
+
+    def sample():  # transitions with pi's action at s' and every fit's bootstrap count; rewards and dones as (batch,)
+        obs, actions, rewards, next_obs, dones, next_actions, counts = table[torch.randint(
+            len(table), (args.batch_size,), device=device)].split(split, dim=1)
+        return obs, actions, rewards.squeeze(1), next_obs, dones.squeeze(1), next_actions, counts
+
+    train_step = cuda_graph(lambda: agent.update(*sample(), *(float(b) / (1 - args.discount) for b in bounds)),
+                            args, device)
+    scores, interval_steps = [], 0
+    train_start = interval_start = time.perf_counter()
+    for step in range(1, args.total_steps + 1):
+        info = train_step()
+        interval_steps += 1
+        if step % args.log_every == 0 or step == args.total_steps:
+            logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps
+            logged["charts/updates_per_second"] = interval_steps / (time.perf_counter() - interval_start)
+            logged["charts/peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+            for k, v in logged.items():
+                writer.add_scalar(k, v, step)
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step % args.eval_every == 0 or step == args.total_steps:
+            # Every fit's J(pi) in raw reward units; the bootstrap fits' spread is the estimate's standard error.
+            values = (agent.estimate(start_obs, start_actions, weights) * scale + shift / (1 - args.discount)).cpu()
+            spread = float(values[1:].std()) if len(values) > 2 else float("nan")
+            scores.append((float(values[0]), float(values[0]) - 1.96 * spread, float(values[0]) + 1.96 * spread))
+            for k, v in zip(("value", "ci_low", "ci_high", "bootstrap_std"), (*scores[-1], spread)):
+                writer.add_scalar(f"estimate/{k}", v, step)
+            elapsed = time.perf_counter() - train_start
+            left = elapsed / step * (args.total_steps - step)
+            print(f"step {step}/{args.total_steps} | J(pi) {scores[-1][0]:9.2f} [{scores[-1][1]:.2f}, "
+                  f"{scores[-1][2]:.2f}] | {step / elapsed:.0f} updates/s | {left / 60:.1f} min left", flush=True)
+
+    print(f"FQE estimate of J(pi), the discounted return at gamma {args.discount} from the dataset's {len(starts)} "
+          f"episode starts: {scores[-1][0]:.2f}, 95% interval [{scores[-1][1]:.2f}, {scores[-1][2]:.2f}] "
+          f"({args.num_bootstrap} bootstrap fits)")
+    env_id = task["env_spec"] and gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
+    if args.eval_episodes and env_id:  # the ground truth where a simulator exists: pi's own episodes
+        returns = evaluate(act, make_eval_envs(task, args.eval_episodes, None), task, args.seed, args.discount)
+        writer.add_scalar("eval/discounted_return", returns.mean(), step)
+        print(f"Monte Carlo in {env_id}: {returns.mean():.2f} +- {returns.std(ddof=1) / len(returns) ** 0.5:.2f} "
+              f"(standard error) over {len(returns)} episodes from the environment's initial states")
+    else:
+        print("no Monte Carlo check: " + (f"--eval-episodes N runs pi for N episodes in {env_id}" if env_id else
+                                          "the dataset names no environment to run pi in"))
+    writer.close()

@@ -1,0 +1,144 @@
+"""FQE's math on a two-state chain whose value is known in closed form, its bootstrap, and fqe.py run as a user runs
+it on an exported policy (Le et al. 2019; DOPE's settings)."""
+
+import math
+import re
+
+import fqe
+import numpy as np
+import pytest
+import torch
+from conftest import HOPPER_ID, PENDULUM_ID, run_script
+from test_smoke import assert_clear_error, scalars, train
+
+GAMMA = 0.9
+PI = 0.5  # the evaluated policy's action in every state
+
+
+def chain(n: int = 4096, length: int = 4) -> dict:
+    """Episodes of `length` steps through states 0, 1, ..., length - 1 (one-hot), the last one ended by a termination
+    (its recorded next state is state 0, as after a reset). The reward is the action, so a policy's value depends on
+    its actions: under pi(s) = 0.5, V(0) = 0.5 (1 + gamma + ... + gamma^(length - 1)). The data's actions are spread
+    evenly over [-1, 1] (mean 0), so the data's own value is 0: a backup with the dataset's next actions instead of
+    pi(s') estimates 0.5 at state 0, not V(0); one that ignores the termination, 0.5 / (1 - gamma)."""
+    state = torch.arange(n) % length
+    actions = torch.linspace(-1, 1, n)[torch.randperm(n, generator=torch.Generator().manual_seed(0))][:, None]
+    return {"obs": torch.eye(length)[state], "actions": actions, "rewards": actions[:, 0],
+            "next_obs": torch.eye(length)[(state + 1) % length], "terminals": (state == length - 1).float(),
+            "pi_next": torch.full((n, 1), PI), "data_next": torch.roll(actions, -1, 0)}  # the behaviour's next action
+
+
+def fit(data: dict, next_actions: str = "pi_next", terminals: bool = True, steps: int = 2000, num_bootstrap: int = 0,
+        weights: torch.Tensor | None = None) -> tuple:
+    torch.manual_seed(0)
+    args = fqe.Args(policy="x", discount=GAMMA, hidden_dims=(64, 64), critic_lr=1e-3, tau=0.02, weight_decay=0.0,
+                    num_bootstrap=num_bootstrap)
+    agent = fqe.Agent(data["obs"].shape[1], 1, args, torch.device("cpu"))
+    n = len(data["obs"])
+    weights = torch.ones(n, 1 + num_bootstrap) if weights is None else weights
+    bound = 1.0 / (1 - GAMMA)  # |r| <= 1
+    for _ in range(steps):
+        i = torch.randint(n, (256,))
+        agent.update(data["obs"][i], data["actions"][i], data["rewards"][i], data["next_obs"][i],
+                     data["terminals"][i] if terminals else torch.zeros(256), data[next_actions][i], weights[i],
+                     -bound, bound)
+    start = data["obs"][:1]  # every episode starts in state 0
+    return agent, agent.estimate(start, torch.full((1, 1), PI), torch.ones(1, 1 + num_bootstrap))
+
+
+TRUTH = 0.5 * (1 + GAMMA + GAMMA**2 + GAMMA**3)  # 1.7195
+
+
+def test_fqe_recovers_the_value_of_the_evaluated_policy_not_of_the_data():
+    truth = TRUTH
+    data = chain()
+    _, estimate = fit(data)
+    assert abs(float(estimate[0]) - truth) < 0.02 * truth, (float(estimate[0]), truth)
+    # The same fit with the dataset's next actions evaluates the behaviour policy, and misses by far.
+    _, sarsa = fit(data, next_actions="data_next")
+    assert abs(float(sarsa[0]) - 0.5) < 0.1 and abs(float(sarsa[0]) - truth) > 0.5
+
+
+def test_a_termination_stops_bootstrapping():
+    """The last step's backup is its reward alone. Bootstrapping through it (from the reset state) would give
+    0.5 / (1 - gamma) = 5.0 instead of 1.72."""
+    truth = TRUTH
+    data = chain()
+    _, ignored = fit(data, terminals=False)
+    assert abs(float(ignored[0]) - 5.0) < 0.5 and abs(float(ignored[0]) - truth) > 2.0
+
+
+def test_target_uses_pi_and_the_terminal_mask_and_is_clipped():
+    rewards, terminals, next_q = torch.tensor([1.0, 1.0, 5.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([2.0] * 3)
+    target = fqe.fqe_target(rewards, terminals, next_q, 0.5, -10.0, 5.5)
+    torch.testing.assert_close(target, torch.tensor([2.0, 1.0, 5.5]))  # 1 + 0.5 * 2; terminal: 1; 6 clipped to 5.5
+
+
+def test_bootstrap_counts_episodes_and_the_first_fit_sees_everything():
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 1, 4, 2, 5])
+    counts = fqe.bootstrap_weights(lengths, 200)
+    assert counts.shape == (5, 201)
+    torch.testing.assert_close(counts[:, 0], torch.ones(5))
+    torch.testing.assert_close(counts.sum(0), torch.full((201,), 5.0))  # each resample has as many episodes
+    assert counts.min() == 0 and counts.max() >= 3  # episodes left out and drawn several times
+    assert abs(float(counts[:, 1:].mean()) - 1.0) < 1e-6 and abs(float(counts[:, 1:].var()) - 0.8) < 0.15  # 1 - 1/E
+
+
+def test_each_fit_learns_only_from_the_transitions_it_counts():
+    """A fit whose counts are all zero gets no gradient (weight decay off): its weights stay as they were, while the
+    fits that count transitions move. The stacked members are independent networks."""
+    data = chain(n=512)
+    weights = torch.ones(512, 3)
+    weights[:, 2] = 0.0
+    torch.manual_seed(0)
+    args = fqe.Args(policy="x", discount=GAMMA, hidden_dims=(16,), weight_decay=0.0, num_bootstrap=2)
+    agent = fqe.Agent(4, 1, args, torch.device("cpu"))
+    before = [w.detach().clone() for w in agent.critic.weights]
+    agent.update(data["obs"][:256], data["actions"][:256], data["rewards"][:256], data["next_obs"][:256],
+                 data["terminals"][:256], data["pi_next"][:256], weights[:256], -10.0, 10.0)
+    for w, old in zip(agent.critic.weights, before):
+        assert torch.equal(w[2], old[2]) and not torch.equal(w[:2], old[:2])
+
+
+def test_fqe_script_estimates_an_exported_policy_with_an_interval(minari_root, tmp_path_factory, tmp_path):
+    _, run_dir = train("iql.py", HOPPER_ID, tmp_path_factory)
+    result = run_script("fqe.py", "--policy", str(run_dir / "iql_policy.pt2"), "--dataset-id", HOPPER_ID,
+                        "--total-steps", "300", "--eval-every", "150", "--batch-size", "32", "--log-every", "50",
+                        "--num-bootstrap", "3", "--hidden-dims", "64", "64", "--eval-episodes", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"episode starts: (\S+), 95% interval \[(\S+), (\S+)\] \(3 bootstrap fits\)", result.stdout)
+    value, low, high = (float(x) for x in found.groups())
+    assert math.isfinite(value) and low < value < high
+    assert "Monte Carlo in Hopper-v5" in result.stdout and "over 2 episodes" in result.stdout
+    [run] = (tmp_path / "runs").iterdir()
+    logged = scalars(run)
+    for tag in ("losses/td_loss", "losses/td_loss_bootstrap", "values/q_data", "estimate/value", "estimate/ci_low",
+                "estimate/ci_high", "estimate/bootstrap_std", "eval/discounted_return", "charts/updates_per_second"):
+        assert tag in logged and all(math.isfinite(v) for v in logged[tag]), tag
+    assert len(logged["estimate/value"]) == 2 and np.isclose(logged["estimate/value"][-1], value, atol=0.01)
+
+
+def test_fqe_script_mistakes_are_one_line(minari_root, tmp_path_factory, tmp_path):
+    _, pendulum_run = train("iql.py", PENDULUM_ID, tmp_path_factory)
+    assert_clear_error(run_script("fqe.py", "--dataset-id", HOPPER_ID, cwd=tmp_path), "--policy is needed")
+    notes = tmp_path / "notes.pt2"
+    notes.write_text("not a policy")
+    assert_clear_error(run_script("fqe.py", "--policy", str(notes), "--dataset-id", HOPPER_ID, "--no-download",
+                                  cwd=tmp_path), "notes.pt2", "_policy.pt2")
+    assert_clear_error(run_script("fqe.py", "--policy", str(pendulum_run / "iql_policy.pt2"), "--dataset-id", HOPPER_ID,
+                                  "--no-download", cwd=tmp_path), "does not fit the dataset", "size 11")
+    assert_clear_error(run_script("fqe.py", "--policy", "x.pt2", "--num-bootstrap", "1", cwd=tmp_path), "two fits")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_estimate_is_the_weighted_mean_of_q_at_the_starts(gamma):
+    """J of each fit: its target network's Q(s0, pi(s0)), on the reward scale, averaged with the fit's episode counts."""
+    args = fqe.Args(policy="x", discount=gamma, hidden_dims=(8,), num_bootstrap=2)
+    agent = fqe.Agent(2, 1, args, torch.device("cpu"))
+    starts, actions = torch.randn(4, 2), torch.randn(4, 1)
+    counts = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 3.0], [1.0, 1.0, 0.0]])
+    q = agent.target_critic(starts, actions) / (1 - gamma)
+    expected = torch.stack([(q[k] * counts[:, k]).sum() / counts[:, k].sum() for k in range(3)])
+    torch.testing.assert_close(agent.estimate(starts, actions, counts), expected)
