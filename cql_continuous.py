@@ -464,28 +464,24 @@ def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict, loop: d
             "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
             "rng": [random.getstate(), (numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]), torch.get_rng_state(),
                     torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []]}
-    files = [(path, ckpt, torch.save)]
-    if hasattr(agent, "act"):  # fqe.py's agent has no policy of its own
-        files.append((path[:-3] + "_policy.pt2", export_policy(agent, task), torch.export.save))
-    for file, content, save in files:
+    for file, content, save in ((path, ckpt, torch.save),
+                                (path[:-3] + "_policy.pt2", export_policy(agent, task), torch.export.save)):
         with open(f"{file}.tmp", "wb") as f:
             save(content, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(f"{file}.tmp", file)
-    print(f"saved {path}{' and its policy' * (len(files) > 1)} at step {loop['step']}", flush=True)
+    print(f"saved {path} and its policy at step {loop['step']}", flush=True)
 
 
 def export_policy(agent: nn.Module, task: dict) -> torch.export.ExportedProgram:
     """The policy for torch.export.load(path).module(): raw observations in, environment actions out; traced once."""
     if "exported" not in vars(agent):
         low, high, mean, std = (task[k] for k in ("action_low", "action_high", "obs_mean", "obs_std"))
-        policy = nn.ModuleDict({"agent": agent})  # the agent's parameters become the program's
-        policy.forward = lambda obs: low + (agent.act((obs - mean) / std) + 1.0) * 0.5 * (high - low)
-        program = torch.export.export(policy, (torch.zeros(2, len(mean), device=mean.device),),
-                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
-        agent.exported = move_to_device_pass(program, "cpu")  # a copy on the CPU, which any machine loads
-    for name, value in agent.state_dict(prefix="agent.").items():  # this save's weights
+        agent.forward = lambda obs: low + (agent.act((obs - mean) / std) + 1.0) * 0.5 * (high - low)  # the program
+        agent.exported = move_to_device_pass(torch.export.export(  # any batch size; on the CPU, any machine loads it
+            agent, (mean.repeat(2, 1),), dynamic_shapes=({0: torch.export.Dim("batch")},)), "cpu")
+    for name, value in agent.state_dict().items():  # this save's weights
         agent.exported.state_dict[name].data.copy_(value)
     return agent.exported
 
@@ -505,12 +501,13 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
              "runs/<run_name>/ (to --resume: that folder)")
     if algorithm != Args.exp_name:
         fail(f"'{path}' was saved by {algorithm}.py, not by {Args.exp_name}.py: pass it to {algorithm}.py")
-    changed = [k for k, v in vars(args).items() if args.resume and k != "resume" and
-               v not in (getattr(Args(), k), ckpt["args"].get(k))]
+    given = {k: v for k, v in vars(args).items() if v != getattr(Args(), k)}  # as far as the defaults tell
+    changed = [k for k, v in given.items() if args.resume and v != ckpt["args"].get(k) and k not in
+               ("resume", "cuda", "cudagraphs", "download", "save_every", "capture_video")]  # these leave the run as is
     if changed:
-        fail(f"--{changed[0].replace('_', '-')} {getattr(args, changed[0])} would change the run, which has "
+        fail(f"--{changed[0].replace('_', '-')} {given[changed[0]]} would change the run, which has "
              f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments")
-    return (Args(**{**ckpt["args"], "resume": args.resume}) if args.resume else args), ckpt
+    return (Args(**{**ckpt["args"], **given}) if args.resume else args), ckpt
 
 
 def restore(ckpt: dict, agent: nn.Module) -> dict:

@@ -16,7 +16,12 @@ files in all since the device tool brings back at most eight; runs and sweeps st
   packed     iql.py alone, then 5 runs through run.py --runs-per-gpu 5: their updates/s together against one alone.
   curves     2000 steps of every script on local/hopper/medium-replay-v0, seed 1, with and without --cudagraphs: both
              loss curves, the warm-up steps before the capture included (curves.json, curves.png).
-  smoke      the smoke tests' training runs and checkpoint evaluations, on the GPU.
+  resume     every script for 400 steps straight, against the same run stopped by SIGTERM at step 200 (the script
+             sends it to itself at its step-200 evaluation) and resumed: the step is captured again after the resume,
+             and the losses logged after it must agree with the straight run's to 1e-4 relative, the same-math bound
+             (resume.json); on CPU they agree bit for bit (tests/test_smoke.py).
+  smoke      the smoke tests' training runs, checkpoint evaluations and exported policies (traced on the GPU, loaded
+             on the CPU), and fqe.py's tests, on the GPU.
 --budget stops starting parts once that many seconds have passed (the device tool gives each call 10 minutes).
 """
 
@@ -34,7 +39,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT))
-PARTS = ("same-math", "e2e", "packed", "speed", "curves", "smoke")
+PARTS = ("same-math", "resume", "e2e", "packed", "speed", "curves", "smoke")
 DATASET = "local/hopper/medium-replay-v0"
 
 
@@ -71,7 +76,7 @@ def same_math(args: Args) -> dict:
     import speed
 
     device, results = torch.device(args.device), {}
-    for name in ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo"):
+    for name in ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo", "fqe"):
         try:
             results[name] = compare_steps(name, args, device, speed)
         except Exception as e:  # a step that cannot be captured: say which, check the others
@@ -109,6 +114,57 @@ def compare_steps(name: str, args: Args, device: torch.device, speed) -> dict:
     return result
 
 
+SIGTERM_AT_EVALUATION = """
+import os, runpy, signal, sys
+from torch.utils.tensorboard import SummaryWriter
+add_scalar, stop_at = SummaryWriter.add_scalar, int(sys.argv[1])
+def patched(self, tag, value, step=None, *args, **kwargs):
+    add_scalar(self, tag, value, step, *args, **kwargs)
+    if tag == "eval/return" and step == stop_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+SummaryWriter.add_scalar = patched
+script, sys.argv = sys.argv[2], sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def resume(args: Args) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(run_dir: Path) -> dict:
+        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"] if t.startswith("losses/")}
+
+    results = {}
+    for script in ("iql", "cql_continuous", "bcq", "awr", "mopo"):
+        argv = [str(ROOT / f"{script}.py"), "--dataset-id", DATASET, "--seed", "1", "--total-steps", "400",
+                "--log-every", "25", "--eval-every", "200", "--eval-episodes", "2", "--no-download"]
+        argv += {"mopo": ["--dynamics-max-epochs", "2", "--rollout-freq", "100"], "awr": ["--policy-steps", "100"],
+                 "cql_continuous": ["--hidden-dims", "256", "256"]}.get(script, [])
+        dirs = {}
+        for label in ("straight", "stopped"):
+            work = args.work / "resume" / f"{script}_{label}"
+            work.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, *argv] if label == "straight" else [sys.executable, "-c", SIGTERM_AT_EVALUATION,
+                                                                      "200", *argv]
+            rc, _, _ = run(cmd, work / "log.txt", 300)
+            run_dir = next((work / "runs").iterdir())
+            if label == "stopped":
+                rc = (rc, run([sys.executable, argv[0], "--resume", str(run_dir)], work / "resume_log.txt", 300)[0])
+            dirs[label] = (rc, run_dir)
+        straight, resumed = losses(dirs["straight"][1]), losses(dirs["stopped"][1])
+        gaps = {tag: max(abs(resumed[tag][k] - v) / max(abs(v), 1e-6) for k, v in values.items() if k > 200)
+                for tag, values in straight.items()}
+        results[script] = {"rc": [dirs["straight"][0], dirs["stopped"][0]], "largest_relative_gap": gaps,
+                           "pass": dirs["stopped"][0] == (143, 0) and max(gaps.values()) <= 1e-4}
+        print(f"resume {script}: {'pass' if results[script]['pass'] else 'FAIL'} (exit codes {results[script]['rc']}), "
+              "largest relative gap after the resume per loss: " + ", ".join(f"{t.split('/')[1]} {v:.1e}"
+                                                                              for t, v in gaps.items()), flush=True)
+    (args.out / "resume.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def e2e(args: Args) -> dict:
     rc, tail, seconds = run([sys.executable, "iql.py", "--dataset-id", DATASET, "--total-steps", str(args.e2e_steps),
                              "--no-download", "--no-save-model"], args.work / "e2e.txt", 400)
@@ -118,7 +174,7 @@ def e2e(args: Args) -> dict:
 
 def speed_part(args: Args) -> dict:
     results, env = {}, {"OMP_NUM_THREADS": "4"}
-    ours = ["iql", "cql_continuous", "awr", "awr_value", "mopo"]
+    ours = ["iql", "cql_continuous", "awr", "awr_value", "mopo", "fqe"]
     for graphed in (True, False):
         flag = [] if graphed else ["--no-cudagraphs"]
         steps = ["--steps", "3000"] if graphed else ["--steps", "500"]
@@ -209,7 +265,9 @@ def curves(args: Args) -> dict:
 
 def smoke(args: Args) -> dict:
     rc, tail, seconds = run([sys.executable, "-m", "pytest", "-q", "-n", "10", "-p", "no:cacheprovider",
-                             "tests/test_smoke.py", "-k", "train_log or bounded"], args.work / "smoke.txt", 300)
+                             "tests/test_smoke.py", "tests/test_fqe.py", "-k",
+                             "train_log or bounded or exported or fqe"],
+                            args.work / "smoke.txt", 300)
     print(f"smoke on {args.device}: rc {rc} in {seconds:.0f} s\n{tail[-600:]}", flush=True)
     return {"rc": rc, "seconds": seconds, "tail": tail[-1500:]}
 
@@ -225,8 +283,8 @@ def main(args: Args):
             print(f"{part}: not started, past the {args.budget:.0f} s budget", flush=True)
             continue
         part_start = time.perf_counter()
-        fn = {"same-math": same_math, "e2e": e2e, "speed": speed_part, "packed": packed, "curves": curves,
-              "smoke": smoke}[part]
+        fn = {"same-math": same_math, "resume": resume, "e2e": e2e, "speed": speed_part, "packed": packed,
+              "curves": curves, "smoke": smoke}[part]
         try:
             done[part] = fn(args)
         except Exception as e:  # one part's failure must not cost the others their device time

@@ -1,7 +1,7 @@
 """Can we trust an off-policy estimate? fqe.py, d3rlpy's FQE, each training run's own critic and the dataset's mean
 return, against the true values of a DOPE-style set of policies (Fu et al. 2021, arXiv:2103.16596).
 
-    python benchmark/ope.py policies --out sweeps/ope     # train the policy set, keeping snapshots (about 1 h per dataset)
+    python benchmark/ope.py policies --out sweeps/ope     # train the policy set, keeping snapshots
     python benchmark/ope.py truth --out sweeps/ope        # 50 episodes per policy: true discounted values; critics
     python benchmark/ope.py fqe --out sweeps/ope          # fqe.py on every policy (resumable)
     /work/peer/bin/python ... ope.py peer --out sweeps/ope   # d3rlpy's FQE on every policy (its own environment)
@@ -27,6 +27,7 @@ report: per dataset, each estimator's normalized absolute error, Spearman rank c
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,13 +42,15 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ("local/hopper/medium-replay-v0", "local/hopper/medium-v0")
 # name, script, arguments, total steps, the snapshot steps in the policy set. Spread-out quality: early and late
-# snapshots, behaviour cloning, offline SAC without conservatism (cql_alpha 0) beside CQL, and four algorithms.
+# snapshots, behaviour cloning, offline SAC without conservatism (cql_alpha 0) beside CQL, and three algorithms. No
+# BCQ: its policy scores candidates for every state, and d3rlpy's FQE calls the policy at every update (about 30
+# updates/s on one CPU thread with 10 candidates), which this CPU budget cannot pay for 40k updates per policy.
 RUNS = [
     ("cql", "cql_continuous.py", ["--hidden-dims", "256", "256"], 10_000, [1000, 2000, 5000, 10_000]),
-    ("sac", "cql_continuous.py", ["--hidden-dims", "256", "256", "--cql-alpha", "0"], 10_000, [1000, 2000, 5000, 10_000]),
+    ("sac", "cql_continuous.py", ["--hidden-dims", "256", "256", "--cql-alpha", "0"], 10_000,
+     [1000, 2000, 5000, 10_000]),
     ("iql", "iql.py", [], 30_000, [2000, 5000, 10_000, 20_000, 30_000]),
     ("bc", "iql.py", ["--temperature", "0"], 20_000, [2000, 20_000]),
-    ("bcq", "bcq.py", ["--num-candidates", "10"], 5000, [2000, 5000]),
     ("awr", "awr.py", [], 20_000, [5000, 20_000]),
 ]
 FIGURE_RUNS = ("cql", "sac")  # every 1000-step snapshot of these gets a true value and its critic's estimate
@@ -67,10 +70,12 @@ class Args:
     """gamma of every value: the ground truth, the estimators and the critics' targets"""
     episodes: int = 50
     """episodes per policy for the ground truth"""
-    fqe_steps: int = 50_000
+    fqe_steps: int = 40_000
     """gradient steps of fqe.py and of d3rlpy's FQE"""
     num_bootstrap: int = 5
     """fqe.py's bootstrap fits per policy"""
+    peer_python: str = "peer/bin/python"
+    """the Python of d3rlpy's environment (benchmark/peers/d3rlpy_fqe.py's docstring sets it up)"""
     results: Path = ROOT / "benchmark" / "results"
     """where report writes ope.md, ope.csv and ope_critics.png"""
 
@@ -83,7 +88,7 @@ def env_with_one_thread() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-# ---- policies ----------------------------------------------------------------------------------------------------------
+# ---- policies --------------------------------------------------------------------------------------------------------
 def train_with_snapshots(name: str, script: str, extra: list, steps: int, dataset_id: str, out: Path):
     """One training run; every checkpoint it writes (--save-every 1000) is copied to snapshots/ as it appears."""
     folder = out / slug(dataset_id)
@@ -169,8 +174,236 @@ def policies(args: Args):
         print(f"{dataset_id}: {len(policy_set(dataset_id, args.out))} policies exported")
 
 
+# ---- truth -----------------------------------------------------------------------------------------------------------
+def critic_estimate(module, agent, ckpt: dict, start_obs, data: dict) -> float:
+    """The training run's own estimate of J(pi): its critic at the dataset's episode starts and pi's actions there, in
+    raw reward units (IQL trains on rewards * 1000 / (max - min episode return); AWR has only V, the data's value)."""
+    import torch
+
+    with torch.no_grad():
+        if ckpt["algorithm"] == "awr":
+            return float((agent.value(start_obs) * agent.value_scale).mean())
+        q = agent.critic(start_obs, agent.act(start_obs)).min(0).values.mean()
+        if ckpt["algorithm"] == "iql" and ckpt["args"]["normalize_reward"]:
+            q = q / (1000.0 / float(np.ptp(data["episode_returns"])))
+        return float(q)
+
+
+def truth_of(path: Path, episodes: int, discount: float) -> dict:
+    """Ground truth and the critic's estimate for one snapshot."""
+    import torch
+
+    module, ckpt = load_script(path)
+    torch.manual_seed(0)  # BCQ's candidates
+    args = module.Args(**{**ckpt["args"], "eval_episodes": episodes})
+    agent = module.Agent(len(ckpt["task"]["obs_mean"]), len(ckpt["task"]["action_low"]), args, torch.device("cpu"))
+    agent.load_state_dict(ckpt["agent"])
+    data, task = module.load_data(args, torch.device("cpu"))
+    envs = module.make_eval_envs(task, episodes, None)
+    discounted = module.evaluate(agent.act, envs, task, 0, discount)
+    returns = module.evaluate(agent.act, envs[:10], task, 0)
+    lengths = torch.as_tensor(data["episode_lengths"])
+    table, split = module.transition_table(data, task)
+    start_obs = table[torch.cumsum(lengths, 0) - lengths, :split[0]]
+    return {"true": float(discounted.mean()), "true_se": float(discounted.std(ddof=1) / np.sqrt(episodes)),
+            "return": float(returns.mean()), "score": module.normalized_score(returns, task),
+            "critic": critic_estimate(module, agent, ckpt, start_obs, data), "algorithm": ckpt["algorithm"],
+            "step": ckpt["loop"]["step"]}
+
+
+def dataset_value(dataset_id: str, discount: float) -> float:
+    """The constant baseline: the dataset's mean discounted episode return from its episode starts."""
+    import minari
+
+    return float(np.mean([np.sum(np.asarray(ep.rewards) * discount ** np.arange(len(ep.rewards)))
+                          for ep in minari.load_dataset(dataset_id).iterate_episodes()]))
+
+
+def truth_job(path: Path, episodes: int, discount: float) -> str:
+    target = path.with_suffix(".truth.json")
+    if not target.exists():
+        target.write_text(json.dumps(truth_of(path, episodes, discount), indent=1))
+    return f"{path.name}: {json.loads(target.read_text())}"
+
+
+def figure_snapshots(dataset_id: str, out: Path) -> list[Path]:
+    snapshots = out / slug(dataset_id) / "snapshots"
+    return [snapshots / f"{name}_{step}.pt" for name, _, _, steps, _ in RUNS if name in FIGURE_RUNS
+            for step in range(1000, steps + 1, 1000)]
+
+
+def truth(args: Args):
+    jobs = []
+    for dataset_id in args.datasets:
+        folder = args.out / slug(dataset_id)
+        (folder / "dataset.json").write_text(json.dumps({"value": dataset_value(dataset_id, args.discount)}))
+        paths = dict.fromkeys(policy_set(dataset_id, args.out) + figure_snapshots(dataset_id, args.out))
+        jobs += [(truth_job, path, args.episodes, args.discount) for path in paths]
+    run_pool(jobs, args.workers)
+
+
+# ---- fqe and peer ----------------------------------------------------------------------------------------------------
+def estimate_job(kind: str, policy: Path, dataset_id: str, args: Args) -> str:
+    """One estimator on one policy, in its own folder, one thread; its result as {policy}.{kind}.json."""
+    target = policy.with_name(policy.name.replace("_policy.pt2", f".{kind}.json"))
+    if target.exists():
+        return f"{target.name}: done before"
+    work = policy.parent.parent / kind / policy.stem
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if kind == "fqe":
+        argv = [sys.executable, str(ROOT / "fqe.py"), "--policy", str(policy.resolve()), "--dataset-id", dataset_id,
+                "--total-steps", str(args.fqe_steps), "--num-bootstrap", str(args.num_bootstrap), "--discount",
+                str(args.discount), "--eval-every", "5000"]
+    else:  # d3rlpy's FQE at its own defaults, in its own environment
+        argv = [args.peer_python, str(ROOT / "benchmark" / "peers" / "d3rlpy_fqe.py"), "--policy",
+                str(policy.resolve()), "--dataset-id", dataset_id, "--steps", str(args.fqe_steps), "--gamma",
+                str(args.discount), "--log-every", "5000", "--threads", "1", "--seed", "1", "--out",
+                str((work / "result.json").resolve())]
+    started = time.time()
+    result = subprocess.run(argv, cwd=work, env=env_with_one_thread(), capture_output=True, text=True)
+    (work / "log.txt").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind} on {policy} failed: see {work / 'log.txt'}")
+    if kind == "fqe":
+        found = re.search(r"episode starts: (\S+), 95% interval \[(\S+), (\S+)\]", result.stdout)
+        curve = [(int(m[1]), float(m[2])) for m in re.finditer(r"step (\d+)/\d+ \| J\(pi\) +(\S+)", result.stdout)]
+        speed = [float(m[1]) for m in re.finditer(r"\| (\d+) updates/s", result.stdout)]
+        summary = {"estimate": float(found[1]), "low": float(found[2]), "high": float(found[3]), "curve": curve,
+                   "updates_per_second": speed[-1]}
+    else:
+        peer = json.loads((work / "result.json").read_text())
+        summary = {"estimate": peer["estimate"], "curve": peer["curve"],
+                   "updates_per_second": peer["updates_per_second"]}
+    target.write_text(json.dumps({**summary, "seconds": round(time.time() - started)}, indent=1))
+    return f"{target.name}: {summary['estimate']:.2f} ({time.time() - started:.0f} s)"
+
+
+def estimates(args: Args, kind: str):
+    jobs = [(estimate_job, kind, export_snapshot(path), dataset_id, args) for dataset_id in args.datasets
+            for path in policy_set(dataset_id, args.out)]
+    run_pool(jobs, args.workers)
+
+
+# ---- report ----------------------------------------------------------------------------------------------------------
+ESTIMATORS = {"fqe": "fqe.py (ours)", "peer": "d3rlpy FQE", "critic": "the run's own critic",
+              "dataset": "the dataset's mean return"}
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank (as Spearman's correlation needs)."""
+    order = np.argsort(x, kind="stable")
+    ranked = np.empty(len(x))
+    ranked[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        ranked[x == value] = ranked[x == value].mean()
+    return ranked
+
+
+def metrics(true: np.ndarray, estimate: np.ndarray) -> tuple:
+    """DOPE's metrics on one set of policies: values rescaled by the true values' range, (v - worst) / (best - worst),
+    estimates clipped at 2 on that scale; the mean absolute error, Spearman's rank correlation (nan for a constant
+    estimate) and regret@1, 1 - the rescaled true value of the estimator's top pick (ties: the mean over them)."""
+    worst, best = true.min(), true.max()
+    rescaled, guessed = (true - worst) / (best - worst), np.minimum((estimate - worst) / (best - worst), 2.0)
+    a, b = ranks(true), ranks(estimate)
+    spearman = float(np.corrcoef(a, b)[0, 1]) if b.std() > 0 else float("nan")
+    regret = 1.0 - rescaled[estimate == estimate.max()].mean()
+    return float(np.abs(guessed - rescaled).mean()), spearman, float(regret)
+
+
+def bootstrap(true: np.ndarray, estimate: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """Each metric on `resamples` resamples of the policies (with replacement): 2.5 and 97.5 percentiles."""
+    rng, values = np.random.default_rng(seed), []
+    for _ in range(resamples):
+        pick = rng.integers(len(true), size=len(true))
+        if true[pick].max() > true[pick].min():
+            values.append(metrics(true[pick], estimate[pick]))
+    return np.nanpercentile(np.array(values), [2.5, 97.5], axis=0)
+
+
+def load_results(dataset_id: str, out: Path) -> list[dict]:
+    folder = out / slug(dataset_id)
+    baseline = json.loads((folder / "dataset.json").read_text())["value"]
+    rows = []
+    for path in policy_set(dataset_id, out):
+        row = {"policy": path.stem, **json.loads(path.with_suffix(".truth.json").read_text()), "dataset": baseline}
+        for kind in ("fqe", "peer"):
+            result = path.with_name(f"{path.stem}.{kind}.json")
+            if result.exists():
+                loaded = json.loads(result.read_text())
+                row[kind] = loaded["estimate"]
+                row.update({f"{kind}_{k}": v for k, v in loaded.items() if k != "estimate"})
+        rows.append(row)
+    return rows
+
+
+def report(args: Args):
+    lines, csv = ["# Off-policy evaluation on the local Hopper datasets", ""], []
+    for dataset_id in args.datasets:
+        rows = load_results(dataset_id, args.out)
+        true = np.array([r["true"] for r in rows])
+        lines += [f"## {dataset_id}: {len(rows)} policies, true values {true.min():.1f} to {true.max():.1f}", "",
+                  "| estimator | absolute error (rescaled) | Spearman rank correlation | regret@1 |",
+                  "|---|---|---|---|"]
+        for kind, name in ESTIMATORS.items():
+            if not all(kind in r for r in rows):
+                lines.append(f"| {name} | not run | | |")
+                continue
+            estimate = np.array([r[kind] for r in rows])
+            point, (low, high) = metrics(true, estimate), bootstrap(true, estimate)
+            cells = [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" if not np.isnan(p) else "n/a (one value for all)"
+                     for p, lo, hi in zip(point, low, high)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if all("fqe_low" in r for r in rows):
+            inside = [r["fqe_low"] <= r["true"] <= r["fqe_high"] for r in rows]
+            lines += ["", f"fqe.py's 95% intervals hold the true value for {sum(inside)} of {len(rows)} policies "
+                          f"({100 * np.mean(inside):.0f}%)."]
+        lines += ["", "| policy | true (50 episodes) | return | fqe.py [95% interval] | d3rlpy FQE | own critic |",
+                  "|---|---|---|---|---|---|"]
+        for r in rows:
+            fqe_cell = f"{r['fqe']:.1f} [{r['fqe_low']:.1f}, {r['fqe_high']:.1f}]" if "fqe" in r else "-"
+            lines.append(f"| {r['policy']} | {r['true']:.1f} +- {r['true_se']:.1f} | {r['return']:.0f} | {fqe_cell} | "
+                         + (f"{r['peer']:.1f}" if "peer" in r else "-") + f" | {r['critic']:.1f} |")
+            csv.append({"dataset": dataset_id, **{k: v for k, v in r.items() if not isinstance(v, list)}})
+        lines.append("")
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "ope.md").write_text("\n".join(lines))
+    keys = list(dict.fromkeys(k for row in csv for k in row))
+    (args.results / "ope.csv").write_text("\n".join([",".join(keys)] + [",".join(str(row.get(k, "")) for k in keys)
+                                                                         for row in csv]) + "\n")
+    print("\n".join(lines))
+    plot_critics(args)
+
+
+def plot_critics(args: Args):
+    """The figure: each CQL run's critic estimate of J(pi) against pi's true value, over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.datasets), figsize=(5.5 * len(args.datasets), 4), squeeze=False)
+    for ax, dataset_id in zip(axes[0], args.datasets):
+        for name, label, color in (("sac", "cql_alpha 0 (offline SAC)", "tab:red"), ("cql", "CQL, cql_alpha 5",
+                                                                                    "tab:blue")):
+            points = [json.loads(p.with_suffix(".truth.json").read_text())
+                      for p in figure_snapshots(dataset_id, args.out) if p.stem.startswith(name + "_")]
+            steps = [p["step"] for p in points]
+            ax.plot(steps, [p["true"] for p in points], color=color, label=f"{label}: true value")
+            ax.plot(steps, [p["critic"] for p in points], color=color, linestyle="--", label=f"{label}: its critic")
+        ax.set(title=dataset_id, xlabel="gradient steps", ylabel=f"J(pi), discounted at {args.discount}",
+               yscale="symlog")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.results / "ope_critics.png", dpi=110)
+    plt.close(fig)
+
+
 def main(args: Args):
-    {"policies": policies}[args.step](args)
+    {"policies": policies, "truth": truth, "fqe": lambda a: estimates(a, "fqe"),
+     "peer": lambda a: estimates(a, "peer"), "report": report}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ matmul throughput that the loop reaches.
     python benchmark/speed.py --scripts iql --device cuda                   # the step captured in a CUDA graph
     python benchmark/speed.py --scripts iql --device cuda --no-cudagraphs   # the same step, eager
     python benchmark/speed.py --scripts mopo mopo_rollout --steps 20   # a rollout row counts rollouts per second
+    python benchmark/speed.py --scripts fqe --batch-size 100 --fqe-bootstrap 0   # fqe.py at d3rlpy FQE's settings
 
 The step is timed as the script's main loop runs it: a minibatch drawn with torch.randint from a dataset-sized table
 on the device, then one update. Data are random with Hopper's shapes (11-d observations, 3-d actions); speed does
@@ -44,6 +45,8 @@ class Args:
     action_dim: int = 3
     cql_hidden_dims: tuple[int, ...] = (256, 256, 256)
     """CQL's hidden sizes (the reduced-budget benchmarks use 256 256)"""
+    fqe_bootstrap: int = 0
+    """fqe.py's bootstrap fits beside its full-data fit (0: one Q network, as d3rlpy's FQE)"""
     keep_freed_memory: bool = True
     """tune glibc's allocator where the script does at start (cql_continuous, mopo); False: glibc's defaults"""
 
@@ -140,10 +143,33 @@ def mopo_rollout_step(args: Args, device: torch.device):
     return step, mopo, config
 
 
+def fqe_step(args: Args, device: torch.device):
+    """fqe.py's step as its main loop runs it: a minibatch of transitions with pi's precomputed next actions and every
+    fit's bootstrap counts, then one update of every fit."""
+    import fqe
+
+    config = fqe.Args(policy="x", batch_size=args.batch_size, cudagraphs=args.cudagraphs,
+                      num_bootstrap=args.fqe_bootstrap)
+    agent = fqe.Agent(args.obs_dim, args.action_dim, config, device)
+    table, split = random_table(args, device, args.dataset_size)
+    fits = 1 + args.fqe_bootstrap
+    table = torch.cat([table, torch.rand(len(table), args.action_dim, device=device) * 2 - 1,
+                       torch.randint(3, (len(table), fits), device=device).float()], 1)
+    split = [*split, args.action_dim, fits]
+
+    def step():
+        obs, actions, rewards, next_obs, dones, next_actions, counts = table[torch.randint(
+            len(table), (args.batch_size,), device=device)].split(split, dim=1)
+        return agent.update(obs, actions, rewards.squeeze(1), next_obs, dones.squeeze(1), next_actions, counts,
+                            -100.0, 100.0)
+
+    return step, fqe, config
+
+
 STEPS = {"iql": lambda a, d: training_step("iql", a, d),
          "cql_continuous": lambda a, d: training_step("cql_continuous", a, d, hidden_dims=a.cql_hidden_dims),
          "bcq": lambda a, d: training_step("bcq", a, d), "awr": awr_step, "awr_value": awr_value_step,
-         "mopo": mopo_step, "mopo_rollout": mopo_rollout_step}
+         "mopo": mopo_step, "mopo_rollout": mopo_rollout_step, "fqe": fqe_step}
 
 
 def sync(device: torch.device):
