@@ -46,8 +46,8 @@ class Args:
     """Minari dataset id (local datasets are found under MINARI_DATASETS_PATH)"""
     download: bool = True
     """let Minari download the dataset if it is not found locally"""
-    total_steps: int = 250_000
-    """number of gradient steps (DOPE runs 1M)"""
+    total_steps: int = 100_000
+    """number of gradient steps (DOPE runs 1M; at gamma 0.99 the estimate settles within about 30k on Hopper)"""
     batch_size: int = 256
     """minibatch size"""
     eval_every: int = 5_000
@@ -415,8 +415,9 @@ if __name__ == "__main__":
             values = (agent.estimate(start_obs, start_actions, weights) * scale + shift / (1 - args.discount)).cpu()
             spread = float(values[1:].std()) if len(values) > 2 else float("nan")
             scores.append((float(values[0]), float(values[0]) - 1.96 * spread, float(values[0]) + 1.96 * spread))
-            for k, v in zip(("value", "ci_low", "ci_high", "bootstrap_std"), (*scores[-1], spread)):
-                writer.add_scalar(f"estimate/{k}", v, step)
+            for tag, v in zip(("estimate/value", "estimate/ci_low", "estimate/ci_high", "estimate/bootstrap_std"),
+                              (*scores[-1], spread)):
+                writer.add_scalar(tag, v, step)
             elapsed = time.perf_counter() - train_start
             left = elapsed / step * (args.total_steps - step)
             print(f"step {step}/{args.total_steps} | J(pi) {scores[-1][0]:9.2f} [{scores[-1][1]:.2f}, "

@@ -6,8 +6,8 @@ import re
 import pytest
 from conftest import ROOT
 
-SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py"]
-TAG = re.compile(r'"((?:losses|values|model|charts|eval|dynamics)/[a-z_]+)')
+SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py", "fqe.py"]
+TAG = re.compile(r'"((?:losses|values|model|charts|eval|dynamics|estimate)/[a-z_]+)')
 LINE_LINK = re.compile(r"\[`([^`]+)`\]\(\.\./([a-z_]+\.py)#L(\d+)\)")
 PAGES = [ROOT / "README.md", ROOT / "benchmark" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
          *sorted((ROOT / "benchmark" / "results").glob("*.md")), ROOT / "benchmark" / "datasets" / "hopper" / "README.md"]
