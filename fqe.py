@@ -102,17 +102,16 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
 # ---- Networks --------------------------------------------------------------------------------------------------------
 class StackedQ(nn.Module):
     """The Q networks of all fits with stacked weights (fit 0 on the whole dataset, the others on bootstrap resamples):
-    each layer is one batched matmul over every fit. Glorot-uniform weights and zero biases, DOPE's (Keras) default."""
+    each layer is one batched matmul over every fit. DOPE's initialization: weights uniform within 1 / sqrt(fan_in),
+    the output layer's within sqrt(0.03 / fan_in) so that Q starts near 0; zero biases."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_dims, num_q: int):
         super().__init__()
         dims = [obs_dim + action_dim, *hidden_dims, 1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            w = torch.empty(num_q, d_in, d_out)
-            for i in range(num_q):
-                nn.init.xavier_uniform_(w[i].T)  # as one nn.Linear per fit
-            self.weights.append(nn.Parameter(w))
+            bound = (0.03 / d_in) ** 0.5 if d_out == 1 else d_in**-0.5
+            self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.zeros(num_q, 1, d_out)))
         self.num_q = num_q
 
@@ -133,7 +132,7 @@ class StackedQ(nn.Module):
 def fqe_target(rewards, terminals, next_q: torch.Tensor, discount: float, low: float, high: float) -> torch.Tensor:
     """r + gamma * (1 - done) * Q'(s', pi(s')), with pi's action at s', never the dataset's: the backup of pi's value,
     not the behaviour policy's. A termination stops bootstrapping; a time-limit truncation does not. Clipped to [low,
-    high], the range of every policy's value, which keeps early, extrapolated targets in bounds (DOPE)."""
+    high], the range of every policy's value, which keeps early, extrapolated targets in bounds (as DOPE)."""
     return (rewards + discount * (1.0 - terminals) * next_q).clamp(low, high)
 
 
@@ -228,7 +227,7 @@ def evaluate(policy, envs: list, task: dict, seed: int, discount: float = 1.0) -
     return returns
 
 
-# ---- Harness: loading, user errors, CUDA graphs; not the algorithm, the same text as in the training scripts ----
+# ---- Harness: loading, user errors, CUDA graphs; not the algorithm, the training scripts' text, then load_policy -
 def fail(message: str):
     """A user's mistake: one line on stderr, no traceback, exit code 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -350,6 +349,7 @@ if __name__ == "__main__":
         "--policy is needed: the runs/<run_name>/<script>_policy.pt2 to evaluate": args.policy is not None,
         f"--discount must lie in [0, 1), got {args.discount}": 0.0 <= args.discount < 1.0,
         f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
+        f"--critic-lr must be > 0, got {args.critic_lr}": args.critic_lr > 0,
         f"--num-bootstrap must be 0 or >= 2 (a spread needs two fits), got {args.num_bootstrap}":
             args.num_bootstrap == 0 or args.num_bootstrap >= 2,
     })
@@ -362,11 +362,14 @@ if __name__ == "__main__":
     data, task = load_data(args, device)
     act = load_policy(args.policy, task, device)
     # As DOPE: rewards / their std, minus their mean only when no episode terminates (a shift would change what ending
-    # an episode is worth); targets clipped to the range of every policy's value. Estimates go back to raw units.
+    # an episode is worth). Targets are clipped to the range of every policy's value: [min r, max r] / (1 - gamma),
+    # widened to 0 where episodes terminate (every reward after the end is 0; DOPE's clip lifts a policy that falls
+    # early when all rewards are positive). Estimates go back to raw units.
     shift = float(data["rewards"].mean()) if args.normalize_reward and not data["terminals"].any() else 0.0
-    scale = float(data["rewards"].std()) + 1e-6 if args.normalize_reward else 1.0
-    rewards = (data["rewards"] - shift) / scale
-    bounds = (rewards.min(), rewards.max()) if args.clip_targets else (-np.inf, np.inf)
+    reward_std = float(data["rewards"].std()) + 1e-6 if args.normalize_reward else 1.0
+    rewards = (data["rewards"] - shift) / reward_std
+    ends = [0.0] if data["terminals"].any() else []
+    bounds = (min(rewards.min(), *ends), max(rewards.max(), *ends)) if args.clip_targets else (-np.inf, np.inf)
     table, split = transition_table({**data, "rewards": rewards}, task)
     obs, _, _, next_obs, _ = table.split(split, dim=1)
     lengths = torch.as_tensor(data["episode_lengths"], device=device)
@@ -412,7 +415,7 @@ if __name__ == "__main__":
             interval_start, interval_steps = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == args.total_steps:
             # Every fit's J(pi) in raw reward units; the bootstrap fits' spread is the estimate's standard error.
-            values = (agent.estimate(start_obs, start_actions, weights) * scale + shift / (1 - args.discount)).cpu()
+            values = agent.estimate(start_obs, start_actions, weights).cpu() * reward_std + shift / (1 - args.discount)
             spread = float(values[1:].std()) if len(values) > 2 else float("nan")
             scores.append((float(values[0]), float(values[0]) - 1.96 * spread, float(values[0]) + 1.96 * spread))
             for tag, v in zip(("estimate/value", "estimate/ci_low", "estimate/ci_high", "estimate/bootstrap_std"),
@@ -430,8 +433,9 @@ if __name__ == "__main__":
     if args.eval_episodes and env_id:  # the ground truth where a simulator exists: pi's own episodes
         returns = evaluate(act, make_eval_envs(task, args.eval_episodes, None), task, args.seed, args.discount)
         writer.add_scalar("eval/discounted_return", returns.mean(), step)
-        print(f"Monte Carlo in {env_id}: {returns.mean():.2f} +- {returns.std(ddof=1) / len(returns) ** 0.5:.2f} "
-              f"(standard error) over {len(returns)} episodes from the environment's initial states")
+        error = returns.std(ddof=1) / len(returns) ** 0.5 if len(returns) > 1 else float("nan")
+        print(f"Monte Carlo in {env_id}: {returns.mean():.2f} +- {error:.2f} (standard error) over {len(returns)} "
+              "episodes from the environment's initial states")
     else:
         print("no Monte Carlo check: " + (f"--eval-episodes N runs pi for N episodes in {env_id}" if env_id else
                                           "the dataset names no environment to run pi in"))

@@ -398,10 +398,10 @@ def save_checkpoint(path: str, agent: nn.Module, args: Args, task: dict, loop: d
             "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
             "rng": [random.getstate(), (numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]), torch.get_rng_state(),
                     torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []]}
-    for file, content, save in ((path, ckpt, torch.save),
-                                (path[:-3] + "_policy.pt2", export_policy(agent, task), torch.export.save)):
+    for file, save in ((path, lambda f: torch.save(ckpt, f)),  # the checkpoint first: the run's work is kept
+                       (path[:-3] + "_policy.pt2", lambda f: torch.export.save(export_policy(agent, task), f))):
         with open(f"{file}.tmp", "wb") as f:
-            save(content, f)
+            save(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(f"{file}.tmp", file)
@@ -497,8 +497,12 @@ def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
 def evaluate_checkpoint(args: Args, ckpt: dict, device: torch.device):
     """--checkpoint: the saved agent on its own environment (--eval-episodes, --seed and --capture-video apply)."""
     task = {k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["task"].items()}
-    agent = Agent(len(task["obs_mean"]), len(task["action_low"]), Args(**ckpt["args"]), device)
-    agent.load_state_dict(ckpt["agent"])
+    try:
+        agent = Agent(len(task["obs_mean"]), len(task["action_low"]), Args(**ckpt["args"]), device)
+        agent.load_state_dict(ckpt["agent"])
+    except Exception as e:  # arguments or networks that this version of the script no longer has
+        fail(f"could not rebuild the agent of '{args.checkpoint}' ({type(e).__name__}): an earlier version of "
+             f"{Args.exp_name}.py saved it; evaluate it with that version")
     video_folder = f"videos/eval__{Args.exp_name}__{args.seed}__{int(time.time())}" if args.capture_video else None
     returns = evaluate(agent.act, make_eval_envs(task, args.eval_episodes, video_folder), task, args.seed)
     score, env_id = normalized_score(returns, task), gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
@@ -548,9 +552,9 @@ if __name__ == "__main__":
     loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "eval_time": 0.0, "elapsed": 0.0, "carry": {}}
     step, scores, eval_time, interval_steps = loop["step"], loop["scores"], loop["eval_time"], 0
     train_start, interval_start = time.perf_counter() - loop["elapsed"], time.perf_counter()
+    carry = lambda: {}  # what IQL keeps between steps beyond the agent and its optimizers: nothing  # noqa: E731
     state = lambda: {"step": step, "scores": scores, "eval_time": eval_time, "carry": carry(),  # noqa: E731
                      "elapsed": time.perf_counter() - train_start}  # the loop's part of a checkpoint
-    carry = lambda: {}  # what IQL keeps between steps beyond the agent and its optimizers: nothing  # noqa: E731
     stop["armed"] = True  # from here on, SIGTERM and SIGINT stop the run after a whole step, saved
     for step in range(step + 1, args.total_steps + 1):
         info = train_step()
@@ -578,15 +582,16 @@ if __name__ == "__main__":
             left = elapsed / step * (args.total_steps - step)
             print(f"{line} | {step / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
-        if stop.get("signal") or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
+        stopping = stop.get("signal")  # read once: one arriving between two reads would stop the run unsaved
+        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
             writer.flush()  # the curves up to this step, which a resumed run continues
             save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
             interval_start, interval_steps = time.perf_counter(), 0
-        if stop.get("signal"):
+        if stopping:
             writer.close()
-            print(f"{signal.Signals(stop['signal']).name} at step {step}/{args.total_steps}: continue with "
+            print(f"{signal.Signals(stopping).name} at step {step}/{args.total_steps}: continue with "
                   f"python {sys.argv[0]} --resume {run_dir}", flush=True)
-            sys.exit(128 + stop["signal"])
+            sys.exit(128 + stopping)
 
     if scores:
         print(f"final score (mean of the last {len(scores[-3:])} evaluations): {np.mean(scores[-3:]):.1f}")

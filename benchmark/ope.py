@@ -89,7 +89,8 @@ def env_with_one_thread() -> dict:
 
 
 # ---- policies --------------------------------------------------------------------------------------------------------
-def train_with_snapshots(name: str, script: str, extra: list, steps: int, dataset_id: str, out: Path):
+def train_with_snapshots(name: str, script: str, extra: list, steps: int, dataset_id: str, out: Path,
+                         discount: float):
     """One training run; every checkpoint it writes (--save-every 1000) is copied to snapshots/ as it appears."""
     folder = out / slug(dataset_id)
     snapshots, work = folder / "snapshots", folder / "work" / name
@@ -99,7 +100,7 @@ def train_with_snapshots(name: str, script: str, extra: list, steps: int, datase
     work.mkdir(parents=True)
     snapshots.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(ROOT / script), "--dataset-id", dataset_id, "--seed", "1", "--total-steps", str(steps),
-            "--save-every", "1000", "--eval-episodes", "0", "--exp-name", name, *extra]
+            "--save-every", "1000", "--eval-episodes", "0", "--exp-name", name, "--discount", str(discount), *extra]
     import torch
 
     with open(work / "log.txt", "w") as log:
@@ -111,15 +112,19 @@ def train_with_snapshots(name: str, script: str, extra: list, steps: int, datase
                 stamp = path.stat().st_mtime_ns
                 if seen.get(path) != stamp:  # a new checkpoint: renamed into place whole, so a copy reads all of it
                     seen[path] = stamp
-                    copy = snapshots / "incoming.pt"
+                    copy = snapshots / f"incoming_{name}.pt"  # one per run: runs on one dataset share the folder
                     shutil.copyfile(path, copy)
                     step = torch.load(copy, map_location="cpu", weights_only=True)["loop"]["step"]
                     os.replace(copy, snapshots / f"{name}_{step}.pt")
             if finished:
                 break
             time.sleep(0.5)
-    if process.returncode != 0 or not (snapshots / f"{name}_{steps}.pt").exists():
-        raise SystemExit(f"{name} on {dataset_id} failed (exit {process.returncode}): see {work / 'log.txt'}")
+    wanted = range(1000, steps + 1, 1000) if name in FIGURE_RUNS else [s for n, *_, chosen in RUNS if n == name
+                                                                         for s in chosen]
+    missing = [step for step in wanted if not (snapshots / f"{name}_{step}.pt").exists()]
+    if process.returncode != 0 or missing:
+        raise SystemExit(f"{name} on {dataset_id} failed (exit {process.returncode}; no snapshot at steps {missing}): "
+                         f"see {work / 'log.txt'}")
     return f"{name} on {dataset_id}: {steps} steps"
 
 
@@ -165,7 +170,7 @@ def run_pool(jobs: list, workers: int):
 
 
 def policies(args: Args):
-    jobs = [(train_with_snapshots, name, script, extra, steps, dataset_id, args.out)
+    jobs = [(train_with_snapshots, name, script, extra, steps, dataset_id, args.out, args.discount)
             for name, script, extra, steps, _ in RUNS for dataset_id in args.datasets]
     run_pool(jobs, args.workers)
     for dataset_id in args.datasets:
@@ -175,18 +180,22 @@ def policies(args: Args):
 
 
 # ---- truth -----------------------------------------------------------------------------------------------------------
-def critic_estimate(module, agent, ckpt: dict, start_obs, data: dict) -> float:
-    """The training run's own estimate of J(pi): its critic at the dataset's episode starts and pi's actions there, in
-    raw reward units (IQL trains on rewards * 1000 / (max - min episode return); AWR has only V, the data's value)."""
+def critic_estimate(module, agent, ckpt: dict, start_obs, data: dict) -> float | None:
+    """The training run's own estimate of J(pi): its critic (the lower of the twin Qs) at the dataset's episode starts
+    and pi's actions there, in raw reward units: the runs train on rewards * scale + shift (IQL's scale is 1000 / (max -
+    min episode return)), so Q is turned back by (Q - shift / (1 - gamma)) / scale. None for AWR, whose only critic is
+    V(s), the value of the data's own policy."""
     import torch
 
+    if ckpt["algorithm"] == "awr":
+        return None
+    a = ckpt["args"]
+    scale, shift = {"iql": (1000.0 / float(np.ptp(data["episode_returns"])) if a["normalize_reward"] else 1.0,
+                            a["reward_shift"]),
+                    "cql_continuous": (a["reward_scale"], a["reward_bias"])}.get(ckpt["algorithm"], (1.0, 0.0))
     with torch.no_grad():
-        if ckpt["algorithm"] == "awr":
-            return float((agent.value(start_obs) * agent.value_scale).mean())
         q = agent.critic(start_obs, agent.act(start_obs)).min(0).values.mean()
-        if ckpt["algorithm"] == "iql" and ckpt["args"]["normalize_reward"]:
-            q = q / (1000.0 / float(np.ptp(data["episode_returns"])))
-        return float(q)
+    return float((q - shift / (1.0 - a["discount"])) / scale)
 
 
 def truth_of(path: Path, episodes: int, discount: float) -> dict:
@@ -194,6 +203,9 @@ def truth_of(path: Path, episodes: int, discount: float) -> dict:
     import torch
 
     module, ckpt = load_script(path)
+    name, step = path.stem.rsplit("_", 1)
+    if (ckpt["args"]["exp_name"], ckpt["loop"]["step"]) != (name, int(step)):  # a snapshot copied under a wrong name
+        raise SystemExit(f"{path} holds {ckpt['args']['exp_name']} at step {ckpt['loop']['step']}")
     torch.manual_seed(0)  # BCQ's candidates
     args = module.Args(**{**ckpt["args"], "eval_episodes": episodes})
     agent = module.Agent(len(ckpt["task"]["obs_mean"]), len(ckpt["task"]["action_low"]), args, torch.device("cpu"))
@@ -347,24 +359,28 @@ def report(args: Args):
                   "| estimator | absolute error (rescaled) | Spearman rank correlation | regret@1 |",
                   "|---|---|---|---|"]
         for kind, name in ESTIMATORS.items():
-            if not all(kind in r for r in rows):
+            have = [r for r in rows if r.get(kind) is not None]  # the critic row: AWR has no Q of its own
+            if len(have) < 2:
                 lines.append(f"| {name} | not run | | |")
                 continue
-            estimate = np.array([r[kind] for r in rows])
-            point, (low, high) = metrics(true, estimate), bootstrap(true, estimate)
+            true_have, estimate = np.array([r["true"] for r in have]), np.array([r[kind] for r in have])
+            point, (low, high) = metrics(true_have, estimate), bootstrap(true_have, estimate)
+            name += f" ({len(have)} policies)" if len(have) < len(rows) else ""
             cells = [f"{p:.2f} [{lo:.2f}, {hi:.2f}]" if not np.isnan(p) else "n/a (one value for all)"
                      for p, lo, hi in zip(point, low, high)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if all("fqe_low" in r for r in rows):
+        if all("fqe_low" in r and np.isfinite(r["fqe_low"]) for r in rows):
             inside = [r["fqe_low"] <= r["true"] <= r["fqe_high"] for r in rows]
             lines += ["", f"fqe.py's 95% intervals hold the true value for {sum(inside)} of {len(rows)} policies "
                           f"({100 * np.mean(inside):.0f}%)."]
-        lines += ["", "| policy | true (50 episodes) | return | fqe.py [95% interval] | d3rlpy FQE | own critic |",
+        lines += ["", f"| policy | true ({args.episodes} episodes) | return (10 episodes) | fqe.py [95% interval] | "
+                      "d3rlpy FQE | own critic |",
                   "|---|---|---|---|---|---|"]
         for r in rows:
             fqe_cell = f"{r['fqe']:.1f} [{r['fqe_low']:.1f}, {r['fqe_high']:.1f}]" if "fqe" in r else "-"
             lines.append(f"| {r['policy']} | {r['true']:.1f} +- {r['true_se']:.1f} | {r['return']:.0f} | {fqe_cell} | "
-                         + (f"{r['peer']:.1f}" if "peer" in r else "-") + f" | {r['critic']:.1f} |")
+                         + (f"{r['peer']:.1f}" if "peer" in r else "-") + " | "
+                         + ("-" if r["critic"] is None else f"{r['critic']:.1f}") + " |")
             csv.append({"dataset": dataset_id, **{k: v for k, v in r.items() if not isinstance(v, list)}})
         lines.append("")
     args.results.mkdir(parents=True, exist_ok=True)

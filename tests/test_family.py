@@ -40,7 +40,7 @@ def main_loop_blocks(script: str) -> dict:
               enumerate(main.body[loop_index + 1:])}
     for node in loop.body:
         test = ast.unparse(node.test) if isinstance(node, ast.If) else ""
-        for every in ("args.log_every", "args.eval_every", "args.save_every", "stop.get('signal')"):
+        for every in ("args.log_every", "args.eval_every", "args.save_every", "stopping"):
             if every in test:
                 blocks[test] = ast.get_source_segment(source, node)
     return blocks
