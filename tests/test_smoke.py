@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ALL_SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py"]
 SCRIPTS = [s for s in ALL_SCRIPTS if (ROOT / s).exists()]
 # Arguments a script needs on top of the shared smoke settings to stay within a minute or two.
-EXTRA_ARGS = {"mopo.py": ["--dynamics-max-epochs", "3"]}
+EXTRA_ARGS = {"mopo.py": ["--dynamics-max-epochs", "3"], "cql_continuous.py": ["--hidden-dims", "64", "64"]}
 # On Hopper, an inner loop every 100 steps, so that a run resumed at step 100 or 150 crosses a refit or a rollout.
 INNER_LOOPS = {"awr.py": ["--policy-steps", "100"], "mopo.py": ["--rollout-freq", "100", "--rollout-batch-size", "5000"]}
 # One invalid algorithm argument per script: it must be refused before any data is loaded.
