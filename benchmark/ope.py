@@ -190,9 +190,11 @@ def critic_estimate(module, agent, ckpt: dict, start_obs, data: dict) -> float |
     if ckpt["algorithm"] == "awr":
         return None
     a = ckpt["args"]
-    scale, shift = {"iql": (1000.0 / float(np.ptp(data["episode_returns"])) if a["normalize_reward"] else 1.0,
-                            a["reward_shift"]),
-                    "cql_continuous": (a["reward_scale"], a["reward_bias"])}.get(ckpt["algorithm"], (1.0, 0.0))
+    if ckpt["algorithm"] == "iql":
+        scale = 1000.0 / float(np.ptp(data["episode_returns"])) if a["normalize_reward"] else 1.0
+        shift = a["reward_shift"]
+    else:  # cql_continuous's --reward-scale and --reward-bias; the others train on the rewards as they are
+        scale, shift = a.get("reward_scale", 1.0), a.get("reward_bias", 0.0)
     with torch.no_grad():
         q = agent.critic(start_obs, agent.act(start_obs)).min(0).values.mean()
     return float((q - shift / (1.0 - a["discount"])) / scale)
