@@ -58,11 +58,12 @@ class Args:
     curve_steps: int = 2000
 
 
-def run(cmd: list, log: Path, timeout: float, env: dict | None = None) -> tuple[int, str, float]:
-    """A subprocess from the repository root; its output goes to log. Returns exit code, output tail and seconds."""
+def run(cmd: list, log: Path, timeout: float, env: dict | None = None, cwd: Path = ROOT) -> tuple[int, str, float]:
+    """A subprocess (from the repository root unless cwd says otherwise); its output goes to log. Returns exit code,
+    output tail and seconds."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         rc, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
@@ -148,10 +149,11 @@ def resume(args: Args) -> dict:
             work.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, *argv] if label == "straight" else [sys.executable, "-c", SIGTERM_AT_EVALUATION,
                                                                       "200", *argv]
-            rc, _, _ = run(cmd, work / "log.txt", 300)
+            rc, _, _ = run(cmd, work / "log.txt", 300, cwd=work)
             run_dir = next((work / "runs").iterdir())
             if label == "stopped":
-                rc = (rc, run([sys.executable, argv[0], "--resume", str(run_dir)], work / "resume_log.txt", 300)[0])
+                rc = (rc, run([sys.executable, argv[0], "--resume", str(run_dir)], work / "resume_log.txt", 300,
+                              cwd=work)[0])
             dirs[label] = (rc, run_dir)
         straight, resumed = losses(dirs["straight"][1]), losses(dirs["stopped"][1])
         gaps = {tag: max(abs(resumed[tag][k] - v) / max(abs(v), 1e-6) for k, v in values.items() if k > 200)
