@@ -314,11 +314,12 @@ def ranks(x: np.ndarray) -> np.ndarray:
     return ranked
 
 
-def metrics(true: np.ndarray, estimate: np.ndarray) -> tuple:
-    """DOPE's metrics on one set of policies: values rescaled by the true values' range, (v - worst) / (best - worst),
-    estimates clipped at 2 on that scale; the mean absolute error, Spearman's rank correlation (nan for a constant
-    estimate) and regret@1, 1 - the rescaled true value of the estimator's top pick (ties: the mean over them)."""
-    worst, best = true.min(), true.max()
+def metrics(true: np.ndarray, estimate: np.ndarray, worst: float | None = None, best: float | None = None) -> tuple:
+    """DOPE's metrics on one set of policies: values rescaled by the true values' range, (v - worst) / (best - worst)
+    (the whole set's, for a resample of it), estimates clipped at 2 on that scale; the mean absolute error, Spearman's
+    rank correlation (nan for a constant estimate) and regret@1, 1 - the rescaled true value of the estimator's top
+    pick (ties: the mean over them)."""
+    worst, best = (true.min(), true.max()) if worst is None else (worst, best)
     rescaled, guessed = (true - worst) / (best - worst), np.minimum((estimate - worst) / (best - worst), 2.0)
     a, b = ranks(true), ranks(estimate)
     spearman = float(np.corrcoef(a, b)[0, 1]) if b.std() > 0 else float("nan")
@@ -332,7 +333,7 @@ def bootstrap(true: np.ndarray, estimate: np.ndarray, resamples: int = 1000, see
     for _ in range(resamples):
         pick = rng.integers(len(true), size=len(true))
         if true[pick].max() > true[pick].min():
-            values.append(metrics(true[pick], estimate[pick]))
+            values.append(metrics(true[pick], estimate[pick], true.min(), true.max()))
     return np.nanpercentile(np.array(values), [2.5, 97.5], axis=0)
 
 
