@@ -181,6 +181,7 @@ def speed_part(args: Args) -> dict:
         flag = [] if graphed else ["--no-cudagraphs"]
         steps = ["--steps", "3000"] if graphed else ["--steps", "500"]
         rows = [(ours, []), (["bcq"], ["--batch-size", "100"])]
+        rows += [(["fqe"], ["--fqe-bootstrap", "10"])]  # fqe.py's default: ten bootstrap fits beside the full-data fit
         rows += [] if graphed else [(["mopo_rollout"], ["--warmup", "3", "--steps", "20"])]  # eager in mopo.py too
         for scripts, extra in rows:
             cmd = [sys.executable, "benchmark/speed.py", "--device", args.device, "--scripts", *scripts, *flag,
