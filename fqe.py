@@ -200,6 +200,9 @@ def make_eval_envs(task: dict, n: int, video_folder: str | None) -> list:
     try:
         envs = [gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None) for i in range(n)]
         if video_folder and n:
+            import moviepy  # noqa: F401  (RecordVideo checks it only after making its folder)
+            envs[0].reset(seed=0)
+            envs[0].render()  # a missing renderer (pygame, OpenGL) fails here, not at the first evaluation's end
             envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
     except Exception as e:
         fail(f"could not create {spec.id} for evaluation ({type(e).__name__}: {str(e).splitlines()[0]}); MuJoCo needs "
@@ -224,6 +227,8 @@ def evaluate(policy, envs: list, task: dict, seed: int, discount: float = 1.0) -
                 running.remove(i)
         if not running:
             break
+    if isinstance(envs[0], gym.wrappers.RecordVideo) and envs[0].recording:  # gymnasium writes a video at the next
+        envs[0].stop_recording()  # reset or at close: the last evaluation's would be lost
     return returns
 
 
@@ -240,9 +245,8 @@ def validate(args: Args, rules: dict):
         rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
-    for message, ok in rules.items():
-        if not ok:
-            fail(message)
+    for message in (message for message, ok in rules.items() if not ok):
+        fail(message)  # the first rule broken
 
 
 def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
@@ -250,14 +254,15 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     if not dataset_id.rpartition("-v")[2].isdigit():
         fail(f"'{dataset_id}' is not a dataset id: ids end in -v and a version, as in 'mujoco/hopper/medium-v0'")
+    download = download and not dataset_id.startswith("local/")  # built on this machine: the hub has none of these
     try:
         dataset = minari.load_dataset(dataset_id, download=download)
     except Exception as e:  # unknown ids, network errors, unreadable files
-        why = "not found locally, and --no-download is set" if isinstance(e, FileNotFoundError) and not download else \
+        why = "not found locally" if isinstance(e, FileNotFoundError) and not download else \
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         fail(f"could not load dataset '{dataset_id}' ({why}); MINARI_DATASETS_PATH={root} holds: "
-             f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local "
-             "datasets only, and this project's `python benchmark/make_datasets.py` builds local/hopper/*")
+             f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local data; "
+             "`python benchmark/make_datasets.py` builds local/hopper/*, its `--datasets medium-replay` in seconds")
     obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
     if not isinstance(space, gym.spaces.Box):
         fail(f"{Args.exp_name}.py needs continuous (Box) actions; '{dataset_id}' has {space}: pick another dataset")
@@ -283,9 +288,10 @@ def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
     task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
             "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
             **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
-    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
-        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
-        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
+    on = f"cpu{' (no GPU found)' * args.cuda}, threads: {torch.get_num_threads()}" if device.type == "cpu" else device
+    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes; runs on "
+          f"{on}" + ("" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no "
+                     "reference scores (official mujoco/* datasets carry none): returns are raw, not normalized"))
     return data, task
 
 
@@ -320,31 +326,36 @@ def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
     return run
 
 
-def load_policy(path: str, task: dict, device: torch.device):
-    """An exported policy as a function of standardized observations to actions in [-1, 1], like the scripts' act (the
-    program itself takes raw observations and returns environment actions); or one line saying what is wrong."""
-    mean, std, low, high = (task[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))
+def load_policy(path: str, device: torch.device) -> nn.Module:
+    """An exported policy, the program itself: raw observations in, environment actions out; or one line saying what
+    is wrong. Checked before the dataset is loaded, so that a wrong path costs no wait."""
     logging.getLogger("torch.export").setLevel(logging.ERROR)  # a file it cannot read: a warning with a traceback
     try:
-        policy = move_to_device_pass(torch.export.load(path), device).module()
+        return move_to_device_pass(torch.export.load(path), device).module()
     except Exception as e:  # no such file, or not a torch.export program
         fail(f"could not load the policy '{path}' ({type(e).__name__}): pass the <script>_policy.pt2 that a training "
              "script wrote beside its checkpoint")
+
+
+def policy_on(policy: nn.Module, path: str, task: dict):
+    """The policy as a function of standardized observations to actions in [-1, 1], like the scripts' act; or one line
+    saying how it does not fit the dataset."""
+    mean, std, low, high = (task[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))
     try:
         with torch.no_grad():
-            shape = tuple(policy(mean.expand(2, -1)).shape)
-    except Exception:  # its observation size is not the dataset's
-        shape = None
-    if shape != (2, len(low)):
+            gave = f"actions of shape {tuple(policy(mean.expand(2, -1)).shape)} for 2 observations"
+    except Exception as e:  # its observation size is not the dataset's
+        gave = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:150]}"
+    if gave != f"actions of shape {(2, len(low))} for 2 observations":
         fail(f"the policy '{path}' does not fit the dataset: it must take observations of size {len(mean)} and return "
-             f"actions of size {len(low)} (it gave {shape}); evaluate it on data of the task it was trained for")
+             f"actions of size {len(low)}, and it gave {gave}; evaluate it on data of the task it was trained for")
     return lambda obs: 2.0 * (policy(obs * std + mean) - low) / (high - low) - 1.0
 
 
 # ---- Main ------------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))  # Ctrl-C: stop at once, without a traceback
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     validate(args, {
         "--policy is needed: the runs/<run_name>/<script>_policy.pt2 to evaluate": args.policy is not None,
         f"--discount must lie in [0, 1), got {args.discount}": 0.0 <= args.discount < 1.0,
@@ -359,8 +370,9 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
+    policy = load_policy(args.policy, device)
     data, task = load_data(args, device)
-    act = load_policy(args.policy, task, device)
+    act = policy_on(policy, args.policy, task)
     # As DOPE: rewards / their std, minus their mean only when no episode terminates (a shift would change what ending
     # an episode is worth). Targets are clipped to the range of every policy's value: [min r, max r] / (1 - gamma),
     # widened to 0 where episodes terminate (every reward after the end is 0; DOPE's clip lifts a policy that falls
@@ -369,7 +381,7 @@ if __name__ == "__main__":
     reward_std = float(data["rewards"].std()) + 1e-6 if args.normalize_reward else 1.0
     rewards = (data["rewards"] - shift) / reward_std
     ends = [0.0] if data["terminals"].any() else []
-    bounds = (min(rewards.min(), *ends), max(rewards.max(), *ends)) if args.clip_targets else (-np.inf, np.inf)
+    bounds = (min([rewards.min(), *ends]), max([rewards.max(), *ends])) if args.clip_targets else (-np.inf, np.inf)
     table, split = transition_table({**data, "rewards": rewards}, task)
     obs, _, _, next_obs, _ = table.split(split, dim=1)
     lengths = torch.as_tensor(data["episode_lengths"], device=device)
@@ -400,7 +412,7 @@ if __name__ == "__main__":
 
     train_step = cuda_graph(lambda: agent.update(*sample(), *(float(b) / (1 - args.discount) for b in bounds)),
                             args, device)
-    scores, interval_steps = [], 0
+    scores, estimated_at, interval_steps = [], [], 0
     train_start = interval_start = time.perf_counter()
     for step in range(1, args.total_steps + 1):
         info = train_step()
@@ -418,6 +430,7 @@ if __name__ == "__main__":
             values = agent.estimate(start_obs, start_actions, weights).cpu() * reward_std + shift / (1 - args.discount)
             spread = float(values[1:].std()) if len(values) > 2 else float("nan")
             scores.append((float(values[0]), float(values[0]) - 1.96 * spread, float(values[0]) + 1.96 * spread))
+            estimated_at.append(step)
             for tag, v in zip(("estimate/value", "estimate/ci_low", "estimate/ci_high", "estimate/bootstrap_std"),
                               (*scores[-1], spread)):
                 writer.add_scalar(tag, v, step)
@@ -426,9 +439,24 @@ if __name__ == "__main__":
             print(f"step {step}/{args.total_steps} | J(pi) {scores[-1][0]:9.2f} [{scores[-1][1]:.2f}, "
                   f"{scores[-1][2]:.2f}] | {step / elapsed:.0f} updates/s | {left / 60:.1f} min left", flush=True)
 
+    # Has the fit settled? The target network follows Q with a time constant of 1 / tau steps, and a value is built
+    # from about 1 / (1 - gamma) backups: a shorter fit cannot have settled, whatever its curve shows (its estimate can
+    # sit still near where it started). After that, the estimate's move over the last quarter of the fit is set
+    # against the interval's half-width (the data's own spread) or 2% of the estimate, whichever is larger.
+    value, low, high = scores[-1]
+    since, before = next(((s, v) for s, (v, _, _) in zip(estimated_at[::-1], scores[::-1])
+                          if s <= 0.75 * args.total_steps), (None, np.nan))
+    moved, tolerance = abs(value - before), max((high - low) / 2 if args.num_bootstrap > 1 else 0, 0.02 * abs(value))
+    horizon, longer = round(1 / ((1 - args.discount) * args.tau)), "): fit longer with --total-steps"
+    settled = (f"NOT CONVERGED ({args.total_steps} steps, fewer than 1 / ((1 - gamma) tau) = {horizon}{longer}"
+               if args.total_steps < horizon else "convergence unknown (one estimate only): set --eval-every below "
+               "3/4 of --total-steps" if since is None else f"NOT CONVERGED (moved {moved:.2f} since step {since}, "
+               f"more than {tolerance:.2f}{longer}" if moved > tolerance else f"converged (moved {moved:.2f} since "
+               f"step {since})")
     print(f"FQE estimate of J(pi), the discounted return at gamma {args.discount} from the dataset's {len(starts)} "
-          f"episode starts: {scores[-1][0]:.2f}, " + (f"95% interval [{scores[-1][1]:.2f}, {scores[-1][2]:.2f}] "
-          f"({args.num_bootstrap} bootstrap fits)" if args.num_bootstrap > 1 else "no interval (--num-bootstrap < 2)"))
+          f"episode starts: {value:.2f}, " + (f"95% interval [{low:.2f}, {high:.2f}] ({args.num_bootstrap} bootstrap "
+          "fits; it covers the data's resampling, not FQE's own bias)" if args.num_bootstrap > 1 else "no interval "
+          "(--num-bootstrap < 2)") + f"; {settled}")
     env_id = task["env_spec"] and gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
     if args.eval_episodes and env_id:  # the ground truth where a simulator exists: pi's own episodes
         returns = evaluate(act, make_eval_envs(task, args.eval_episodes, None), task, args.seed, args.discount)

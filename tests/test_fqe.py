@@ -5,6 +5,7 @@ import math
 import re
 
 import fqe
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -101,15 +102,22 @@ def test_each_fit_learns_only_from_the_transitions_it_counts():
         assert torch.equal(w[2], old[2]) and not torch.equal(w[:2], old[:2])
 
 
+FINAL = r"episode starts: (\S+), 95% interval \[(\S+), (\S+)\] \((\d+) bootstrap fits; it covers the data's resampling, " \
+    r"not FQE's own bias\); (.*)"
+
+
 def test_fqe_script_estimates_an_exported_policy_with_an_interval(minari_root, tmp_path_factory, tmp_path):
     _, run_dir = train("iql.py", HOPPER_ID, tmp_path_factory)
     result = run_script("fqe.py", "--policy", str(run_dir / "iql_policy.pt2"), "--dataset-id", HOPPER_ID,
                         "--total-steps", "300", "--eval-every", "150", "--batch-size", "32", "--log-every", "50",
                         "--num-bootstrap", "3", "--hidden-dims", "64", "64", "--eval-episodes", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    found = re.search(r"episode starts: (\S+), 95% interval \[(\S+), (\S+)\] \(3 bootstrap fits\)", result.stdout)
-    value, low, high = (float(x) for x in found.groups())
-    assert math.isfinite(value) and low < value < high
+    assert "runs on cpu" in result.stdout.splitlines()[0] and "threads: 1" in result.stdout.splitlines()[0]
+    value, low, high, fits, settled = re.search(FINAL, result.stdout).groups()
+    value, low, high = float(value), float(low), float(high)
+    assert math.isfinite(value) and low < value < high and fits == "3"
+    # 300 steps, far fewer than the 1 / ((1 - 0.99) * 0.005) = 20000 that the value's horizon needs.
+    assert settled.startswith("NOT CONVERGED (300 steps, fewer than") and "--total-steps" in settled, settled
     assert "Monte Carlo in Hopper-v5" in result.stdout and "over 2 episodes" in result.stdout
     [run] = (tmp_path / "runs").iterdir()
     logged = scalars(run)
@@ -117,6 +125,53 @@ def test_fqe_script_estimates_an_exported_policy_with_an_interval(minari_root, t
                 "estimate/ci_high", "estimate/bootstrap_std", "eval/discounted_return", "charts/updates_per_second"):
         assert tag in logged and all(math.isfinite(v) for v in logged[tag]), tag
     assert len(logged["estimate/value"]) == 2 and np.isclose(logged["estimate/value"][-1], value, atol=0.01)
+
+
+def test_fqe_script_on_data_that_never_terminates(minari_root, tmp_path_factory, tmp_path):
+    """Pendulum's episodes end at the time limit only: no target bound comes from an episode's end, the rewards are
+    centred, and the estimate stays within the range of every policy's value."""
+    _, run_dir = train("iql.py", PENDULUM_ID, tmp_path_factory)
+    result = run_script("fqe.py", "--policy", str(run_dir / "iql_policy.pt2"), "--dataset-id", PENDULUM_ID,
+                        "--total-steps", "200", "--eval-every", "100", "--batch-size", "32", "--num-bootstrap", "2",
+                        "--hidden-dims", "32", "--eval-episodes", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    value = float(re.search(FINAL, result.stdout).group(1))
+    assert -16.3 / (1 - 0.99) <= value <= 0.0, value  # Pendulum's rewards lie in [-16.3, 0]
+    assert "Monte Carlo in Pendulum-v1" in result.stdout
+
+
+def test_fqe_script_recovers_a_closed_form_value_and_says_it_converged(minari_root, tmp_path):
+    """The chain above as a Minari dataset, with no environment, and pi(s) = 0.5 exported as a program: the script's
+    estimate is within 2% of the closed form, and the fit is long enough to be called converged."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    data, length = chain(n=2048), 4
+    obs, actions = data["obs"].numpy(), data["actions"].numpy()
+    episodes = [EpisodeBuffer(id=i, observations=np.concatenate([obs[j:j + length], np.eye(length)[:1]]),
+                              actions=actions[j:j + length], rewards=actions[j:j + length, 0],
+                              terminations=np.arange(length) == length - 1, truncations=np.zeros(length, bool))
+                for i, j in enumerate(range(0, len(obs), length))]
+    minari.create_dataset_from_buffers("test/chain/pi-v0", episodes, algorithm_name="uniform", author="tests",
+                                       author_email="tests@localhost", code_permalink="tests/test_fqe.py",
+                                       description="chain", action_space=gym.spaces.Box(-1, 1, (1,)),
+                                       observation_space=gym.spaces.Box(0, 1, (length,)))
+
+    class Half(torch.nn.Module):
+        def forward(self, obs):
+            return obs[:, :1] * 0.0 + PI
+
+    program = torch.export.export(Half(), (torch.zeros(2, length),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "half_policy.pt2")
+    result = run_script("fqe.py", "--policy", str(tmp_path / "half_policy.pt2"), "--dataset-id", "test/chain/pi-v0",
+                        "--discount", str(GAMMA), "--hidden-dims", "64", "64", "--critic-lr", "1e-3", "--tau", "0.02",
+                        "--weight-decay", "0", "--total-steps", "2000", "--eval-every", "250", "--num-bootstrap", "2",
+                        "--eval-episodes", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    value, low, high, _, settled = re.search(FINAL, result.stdout).groups()
+    assert abs(float(value) - TRUTH) < 0.02 * TRUTH, (value, TRUTH)
+    assert settled.startswith("converged (moved"), settled
+    assert "the dataset names no environment" in result.stdout
 
 
 def test_fqe_script_mistakes_are_one_line(minari_root, tmp_path_factory, tmp_path):
@@ -127,7 +182,11 @@ def test_fqe_script_mistakes_are_one_line(minari_root, tmp_path_factory, tmp_pat
     assert_clear_error(run_script("fqe.py", "--policy", str(notes), "--dataset-id", HOPPER_ID, "--no-download",
                                   cwd=tmp_path), "notes.pt2", "_policy.pt2")
     assert_clear_error(run_script("fqe.py", "--policy", str(pendulum_run / "iql_policy.pt2"), "--dataset-id", HOPPER_ID,
-                                  "--no-download", cwd=tmp_path), "does not fit the dataset", "size 11")
+                                  "--no-download", cwd=tmp_path), "does not fit the dataset", "size 11",
+                      "it gave AssertionError")
+    # The policy is checked before the dataset is loaded: a wrong path is named at once.
+    assert_clear_error(run_script("fqe.py", "--policy", str(tmp_path / "x.pt2"), "--dataset-id", "test/x/missing-v0",
+                                  "--no-download", cwd=tmp_path), "x.pt2", "_policy.pt2")
     assert_clear_error(run_script("fqe.py", "--policy", "x.pt2", "--num-bootstrap", "1", cwd=tmp_path), "two fits")
     assert not (tmp_path / "runs").exists()
 
