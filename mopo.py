@@ -463,6 +463,9 @@ def make_eval_envs(task: dict, n: int, video_folder: str | None) -> list:
     try:
         envs = [gym.make(spec, render_mode="rgb_array" if video_folder and i == 0 else None) for i in range(n)]
         if video_folder and n:
+            import moviepy  # noqa: F401  (RecordVideo checks it only after making its folder)
+            envs[0].reset(seed=0)
+            envs[0].render()  # a missing renderer (pygame, OpenGL) fails here, not at the first evaluation's end
             envs[0] = gym.wrappers.RecordVideo(envs[0], video_folder, episode_trigger=lambda _: True)
     except Exception as e:
         fail(f"could not create {spec.id} for evaluation ({type(e).__name__}: {str(e).splitlines()[0]}); MuJoCo needs "
@@ -487,6 +490,8 @@ def evaluate(policy, envs: list, task: dict, seed: int, discount: float = 1.0) -
                 running.remove(i)
         if not running:
             break
+    if isinstance(envs[0], gym.wrappers.RecordVideo) and envs[0].recording:  # gymnasium writes a video at the next
+        envs[0].stop_recording()  # reset or at close: the last evaluation's would be lost
     return returns
 
 
@@ -510,9 +515,8 @@ def validate(args: Args, rules: dict):
         rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
-    for message, ok in rules.items():
-        if not ok:
-            fail(message)
+    for message in (message for message, ok in rules.items() if not ok):
+        fail(message)  # the first rule broken
 
 
 def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
@@ -520,14 +524,15 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     if not dataset_id.rpartition("-v")[2].isdigit():
         fail(f"'{dataset_id}' is not a dataset id: ids end in -v and a version, as in 'mujoco/hopper/medium-v0'")
+    download = download and not dataset_id.startswith("local/")  # built on this machine: the hub has none of these
     try:
         dataset = minari.load_dataset(dataset_id, download=download)
     except Exception as e:  # unknown ids, network errors, unreadable files
-        why = "not found locally, and --no-download is set" if isinstance(e, FileNotFoundError) and not download else \
+        why = "not found locally" if isinstance(e, FileNotFoundError) and not download else \
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         fail(f"could not load dataset '{dataset_id}' ({why}); MINARI_DATASETS_PATH={root} holds: "
-             f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local "
-             "datasets only, and this project's `python benchmark/make_datasets.py` builds local/hopper/*")
+             f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local data; "
+             "`python benchmark/make_datasets.py` builds local/hopper/*, its `--datasets medium-replay` in seconds")
     obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
     if not isinstance(space, gym.spaces.Box):
         fail(f"{Args.exp_name}.py needs continuous (Box) actions; '{dataset_id}' has {space}: pick another dataset")
@@ -553,9 +558,10 @@ def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
     task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
             "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
             **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
-    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes" + (
-        "" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no reference "
-        "scores (official mujoco/* datasets carry none): raw returns are logged, eval/normalized_score is not"))
+    on = f"cpu{' (no GPU found)' * args.cuda}, threads: {torch.get_num_threads()}" if device.type == "cpu" else device
+    print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes; runs on "
+          f"{on}" + ("" if task["ref_min_score"] is not None and task["ref_max_score"] is not None else "; it has no "
+                     "reference scores (official mujoco/* datasets carry none): returns are raw, not normalized"))
     return data, task
 
 
@@ -619,7 +625,10 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
                ("resume", "cuda", "cudagraphs", "download", "save_every", "capture_video")]  # these leave the run as is
     if changed:
         fail(f"--{changed[0].replace('_', '-')} {given[changed[0]]} would change the run, which has "
-             f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments")
+             f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments" + ("; the learning-rate schedule "
+             "and the last evaluation follow the total: start a new run" * (changed[0] == "total_steps")))
+    if args.resume and ckpt["loop"]["step"] >= ckpt["args"]["total_steps"]:  # nothing to train, evaluate or log
+        sys.exit(print(f"{args.resume} has finished its {ckpt['args']['total_steps']} steps: nothing to resume"))
     return (Args(**{**ckpt["args"], **given}) if args.resume else args), ckpt
 
 
@@ -722,7 +731,7 @@ def load_dynamics(model: nn.Module, path: str, dataset_id: str) -> torch.Tensor:
 # ---- Main ------------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     stop = stop_on_signals({})
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     validate(args, {
         f"--num-elites must lie in [1, --num-ensemble], got {args.num_elites} of {args.num_ensemble}":
             1 <= args.num_elites <= args.num_ensemble,
@@ -790,16 +799,16 @@ if __name__ == "__main__":
         return agent.update(normalize(obs), actions, rewards, normalize(next_obs), terminals, num_real)
 
     train_step = cuda_graph(sac_step, args, device)
-    loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "eval_time": 0.0, "elapsed": 0.0, "carry": {}}
-    step, scores, eval_time, interval_steps = loop["step"], loop["scores"], loop["eval_time"], 0
-    train_start, interval_start = time.perf_counter() - loop["elapsed"], time.perf_counter()
+    loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "elapsed": 0.0, "carry": {}}
+    step, scores, eval_time, interval_steps = loop["step"], loop["scores"], 0.0, 0
+    first, train_start, interval_start = step, time.perf_counter(), time.perf_counter()  # this session's stretch
     carry = lambda: {"model": model.state_dict(), "holdout_mse": holdout_mse,  # noqa: E731
                      "rows": buffer.table[:buffer.size].clone(), "head": buffer.head, "rollout_info": rollout_info}
     if loop["carry"]:  # a resumed run: the model buffer (rows and ring position) and the last rollout's statistics
         buffer.add(loop["carry"]["rows"].to(device))
         buffer.head, rollout_info = loop["carry"]["head"], loop["carry"]["rollout_info"]
-    state = lambda: {"step": step, "scores": scores, "eval_time": eval_time, "carry": carry(),  # noqa: E731
-                     "elapsed": time.perf_counter() - train_start}  # the loop's part of a checkpoint
+    state = lambda: {"step": step, "scores": scores, "carry": carry(),  # noqa: E731
+                     "elapsed": loop["elapsed"] + time.perf_counter() - train_start}  # the loop's part of a checkpoint
     stop["armed"] = True  # from here on, SIGTERM and SIGINT stop the run after a whole step, saved
     for step in range(step + 1, args.total_steps + 1):
         if (step - 1) % args.rollout_freq == 0:  # Algorithm 2: h model steps of the policy from data states
@@ -831,9 +840,9 @@ if __name__ == "__main__":
                 writer.add_scalar("eval/normalized_score", score, step)
                 scores.append(score)
                 line += f" | score {score:5.1f}"
-            elapsed = time.perf_counter() - train_start
-            left = elapsed / step * (args.total_steps - step)
-            print(f"{line} | {step / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
+            elapsed, done = time.perf_counter() - train_start, step - first  # a resumed run: since it resumed
+            left = elapsed / done * (args.total_steps - step)
+            print(f"{line} | {done / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
         stopping = stop.get("signal")  # read once: one arriving between two reads would stop the run unsaved
         if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
@@ -847,7 +856,8 @@ if __name__ == "__main__":
             sys.exit(128 + stopping)
 
     if scores:
-        print(f"final score (mean of the last {len(scores[-3:])} evaluations): {np.mean(scores[-3:]):.1f}")
+        last = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
+        print(f"final score ({last}): {np.mean(scores[-3:]):.1f}")
     if args.save_model:
         save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
     writer.close()

@@ -4,6 +4,7 @@ makes, each of which must end in one clear line and a non-zero exit."""
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,8 @@ def assert_clear_error(result, *fragments: str):
 def test_train_log_checkpoint_and_evaluate(script, minari_root, tmp_path_factory, tmp_path):
     result, run_dir = train(script, HOPPER_ID, tmp_path_factory)
     exp_name = script[:-3]
+    # The first line says where the run trains: the device and, on a CPU, the thread count (1 under run_script).
+    assert re.search(r"; runs on (cpu \(no GPU found\), threads: 1|cuda)", result.stdout.splitlines()[0]), result.stdout
     assert run_dir.name.startswith(f"{HOPPER_ID.replace('/', '-')}__{exp_name}__3__")
     logged = scalars(run_dir)
     losses = [t for t in logged if t.startswith("losses/")]
@@ -224,12 +227,18 @@ def test_a_stopped_run_resumes_exactly(script, minari_root, tmp_path_factory, tm
     killed.wait()
     [run_dir] = (tmp_path / "runs").iterdir()
     assert (run_dir / f"{exp_name}.pt.tmp").stat().st_size > 0  # the write it was killed in
-    assert torch.load(run_dir / f"{exp_name}.pt", weights_only=True)["loop"]["step"] == 100
+    ckpt = torch.load(run_dir / f"{exp_name}.pt", weights_only=True)
+    assert ckpt["loop"]["step"] == 100
+    ckpt["loop"]["elapsed"] += 1e6  # as after a first session on a machine 10,000x slower: no bearing on this one
+    torch.save(ckpt, run_dir / f"{exp_name}.pt")
 
     stopped = python_with(SIGTERM_AT_EVALUATION, "150", path, "--resume", str(run_dir), cwd=tmp_path)
     out, err = stopped.communicate(timeout=300)
     assert stopped.returncode == 143, out[-2000:] + err[-2000:]
     assert f"SIGTERM at step 150/300: continue with python {path} --resume {run_dir}" in out and "Traceback" not in err
+    # Speed and time left are this session's: 50 updates, not 150 over the first session's 10^6 s.
+    speed, left = re.search(r"step 150/300 .* (\d+) updates/s \| ([\d.]+) min left", out).groups()
+    assert int(speed) >= 1 and float(left) < 60, (speed, left)
     resumed = run_script(script, "--resume", str(run_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step 300/300" in resumed.stdout and "step 150/300" not in resumed.stdout
@@ -285,7 +294,27 @@ def test_user_errors_are_one_line(script, minari_root, tmp_path):
     assert_clear_error(run_script(script, "--checkpoint", str(not_a_checkpoint), cwd=tmp_path), "notes.pt")
     if script in BAD_ARGS:
         assert_clear_error(run_script(script, *BAD_ARGS[script], cwd=tmp_path), BAD_ARGS[script][0])
+    described = run_script(script, "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert described.returncode == 0 and __import__(script[:-3]).__doc__.splitlines()[0] in described.stdout
     assert not (tmp_path / "runs").exists(), "a refused run must not leave a run folder behind"
+
+
+def test_local_ids_are_not_looked_up_online_and_a_failed_video_leaves_nothing(minari_root, tmp_path):
+    """A local/ id is this machine's own: a missing one fails at once, without the hub's retries (about 30 s offline).
+    --capture-video either records every evaluation (the last one too, which gymnasium writes only at a reset or
+    close) or, without moviepy or a renderer, stops in one line before training, leaving no folder behind."""
+    started = time.time()
+    assert_clear_error(run_script("iql.py", "--dataset-id", "local/hopper/nothing-v0", cwd=tmp_path), "not found locally",
+                       "--datasets medium-replay")
+    assert time.time() - started < 20
+    video = run_script("iql.py", "--dataset-id", PENDULUM_ID, "--total-steps", "2", "--eval-every", "1",
+                       "--eval-episodes", "1", "--batch-size", "8", "--capture-video", cwd=tmp_path)
+    if video.returncode:
+        assert_clear_error(video, "--capture-video needs moviepy")
+        assert not (tmp_path / "videos").exists() and not (tmp_path / "runs").exists()
+    else:
+        [folder] = (tmp_path / "videos").iterdir()
+        assert len(list(folder.glob("*.mp4"))) == 2, list(folder.iterdir())
 
 
 @pytest.mark.parametrize("script", ["iql.py"])  # load_checkpoint is the same text in every script (test_family)
@@ -300,6 +329,11 @@ def test_checkpoint_and_resume_mistakes_are_one_line(script, minari_root, tmp_pa
         assert_clear_error(run_script(script, flag, str(target), cwd=tmp_path), f"saved by {other}", f"to {other}")
     assert_clear_error(run_script(script, "--resume", str(own), "--seed", "4", cwd=tmp_path),
                        "--seed 4 would change the run, which has 3")
+    assert_clear_error(run_script(script, "--resume", str(own), "--total-steps", "600", cwd=tmp_path),
+                       "--total-steps 600 would change the run, which has 300", "learning-rate schedule", "a new run")
+    finished = run_script(script, "--resume", str(own), cwd=tmp_path)  # trains, evaluates and logs nothing
+    assert finished.returncode == 0 and "has finished its 300 steps: nothing to resume" in finished.stdout, finished
+    assert "step " not in finished.stdout and "saved" not in finished.stdout
     assert_clear_error(run_script(script, "--resume", str(tmp_path), cwd=tmp_path), str(tmp_path), "--resume")
     assert_clear_error(run_script(script, "--resume", str(own), "--checkpoint", str(own / f"{script[:-3]}.pt"),
                                   cwd=tmp_path), "and no --resume")
