@@ -4,6 +4,10 @@ material in benchmark/datasets/hopper/ (two SAC actor checkpoints and SAC's repl
     python benchmark/make_datasets.py                       # all four, under MINARI_DATASETS_PATH
     MINARI_DATASETS_PATH=~/minari python benchmark/make_datasets.py --datasets medium-replay
 
+`--datasets medium-replay` alone copies stored transitions and takes seconds: enough for a first run. The rollout
+datasets step MuJoCo 400,000 times (a few minutes on one core, more on a busy machine); every stage prints its
+progress as it goes.
+
 - local/hopper/medium-v0: 200,000 steps of the medium actor (after 100,000 SAC steps) acting stochastically in
   Hopper-v5, episode k reset with seed k; collection stops at exactly 200,000 steps, so the last episode ends in
   a truncation.
@@ -24,6 +28,10 @@ early falls move it) and 52.0-54.3 (medium-expert) on one machine.
 """
 
 import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +51,58 @@ NAMES = ("medium", "medium-replay", "expert", "medium-expert")
 @dataclass
 class Args:
     datasets: tuple[str, ...] = NAMES
-    """which datasets to build: medium, medium-replay, expert, medium-expert"""
+    """medium, medium-replay, expert and/or medium-expert; medium-replay alone takes seconds: enough for a first run"""
     seed: int = 5
-    """seed of the behaviour policies' action noise (the recipe seeds the resets); 5 lands closest to the collection
-    the results were made with (seeds 0-5 gave expert 81.2-86.9, medium 37.7-39.3, medium-expert 52.0-54.3)"""
+    """seed of the behaviour policies' action noise (the recipe seeds the resets); 5 is closest to the results' data"""
     steps: int = 200_000
     """environment steps of each rollout dataset (medium, expert)"""
+
+
+# ---- progress: a full build runs for minutes, so each stage says what it does and how far it is -------------------
+EVERY = 3.0  # seconds between two lines of a running count
+shown = {"at": 0.0, "width": 0}  # when the last line was printed; on a terminal, the width of a count line to overwrite
+
+
+def say(line: str, count: bool = False):
+    """Prints a progress line at once. A running count (count=True) comes at most every EVERY seconds; on a terminal
+    it rewrites itself in place, and the next line overwrites it, so that a log file gets every line and a terminal
+    only the current one."""
+    now = time.monotonic()
+    if count and now - shown["at"] < EVERY:
+        return
+    tty = sys.stdout.isatty()
+    pad = " " * max(0, shown["width"] - len(line))
+    print(("\r" if shown["width"] else "") + line + pad, end="" if count and tty else "\n", flush=True)
+    shown.update(at=now, width=len(line) if count and tty else 0)
+
+
+@contextmanager
+def ticking(line: str):
+    """For a minari call that reports nothing while it works: the line, then the seconds spent, every EVERY seconds."""
+    say(line)
+    start, done = time.monotonic(), threading.Event()
+
+    def tick():
+        while not done.wait(EVERY):
+            say(f"{line}: {time.monotonic() - start:.0f} s", count=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def writing(dataset_id: str, episodes: list):
+    """The episodes, handed to minari one at a time with a running count: create_dataset_from_buffers writes each one
+    as it takes it from the iterable (the data written are the same as from the list)."""
+    steps = sum(len(ep.rewards) for ep in episodes)
+    say(f"{dataset_id}: writing {len(episodes):,} episodes ({steps:,} steps)")
+    for i, episode in enumerate(episodes):
+        yield episode
+        say(f"{dataset_id}: writing: episode {i + 1:,}/{len(episodes):,}", count=True)
 
 
 def behaviour_policy(path: Path):
@@ -58,10 +112,12 @@ def behaviour_policy(path: Path):
     return net
 
 
-def rollouts(actor_file: str, first_seed: int, steps: int, seed: int) -> list:
+def rollouts(dataset_id: str, actor_file: str, first_seed: int, steps: int, seed: int) -> list:
+    say(f"{dataset_id}: loading the behaviour policy {actor_file} and Hopper-v5")
     env, actor = gym.make("Hopper-v5"), behaviour_policy(HERE / actor_file)
     noise = torch.Generator().manual_seed(seed)
-    episodes, total = [], 0
+    episodes, total, start = [], 0, time.monotonic()
+    say(f"{dataset_id}: collecting episodes: {steps:,} steps")
     while total < steps:
         obs, _ = env.reset(seed=first_seed + len(episodes))
         o, a, r, term, trunc = [obs], [], [], [], []
@@ -75,8 +131,12 @@ def rollouts(actor_file: str, first_seed: int, steps: int, seed: int) -> list:
             o.append(obs), a.append(action), r.append(reward), term.append(terminated), trunc.append(truncated)
             if terminated or truncated:
                 break
+            rate = total / max(time.monotonic() - start, 1e-9)
+            say(f"{dataset_id}: collecting episodes: step {total:,}/{steps:,} ({100 * total / steps:.0f}%), "
+                f"{len(episodes)} episodes done, {rate:.0f} steps/s, {(steps - total) / rate:.0f} s left", count=True)
         episodes.append(EpisodeBuffer(id=len(episodes), observations=o, actions=a, rewards=r, terminations=term,
                                       truncations=trunc))
+    say(f"{dataset_id}: collected {total:,} steps, {len(episodes)} episodes, in {time.monotonic() - start:.0f} s")
     return episodes
 
 
@@ -113,9 +173,16 @@ def describe(name: str) -> dict:
             "author_email": {"none@example.com"}, "code_permalink": "benchmark/make_datasets.py"}
 
 
-def mean_score(dataset: minari.MinariDataset) -> float:
-    returns = [float(np.sum(ep.rewards)) for ep in dataset.iterate_episodes()]
-    return 100 * (np.mean(returns) - REF_MIN) / (REF_MAX - REF_MIN)
+def summary(dataset_id: str) -> str:
+    """The dataset as read back: its size and mean normalized episode score."""
+    dataset = minari.load_dataset(dataset_id)
+    returns = []
+    for ep in dataset.iterate_episodes():
+        returns.append(float(np.sum(ep.rewards)))
+        say(f"{dataset_id}: reading it back: episode {len(returns):,}/{dataset.total_episodes:,}", count=True)
+    score = 100 * (np.mean(returns) - REF_MIN) / (REF_MAX - REF_MIN)
+    return (f"{dataset_id}: {dataset.total_steps} transitions, {dataset.total_episodes} episodes, mean episode score "
+            f"{score:.1f}")
 
 
 def main(args: Args):
@@ -130,27 +197,28 @@ def main(args: Args):
     for name in order:
         dataset_id = f"local/hopper/{name}-v0"
         if dataset_id in local:
-            print(f"{dataset_id}: already under {root}, kept as it is")
+            say(f"{dataset_id}: already under {root}, kept as it is")
             continue
+        start = time.monotonic()
         if name == "medium-expert":
             parts = [minari.load_dataset(f"local/hopper/{n}-v0") for n in ("medium", "expert")]
-            combined = minari.combine_datasets(parts, dataset_id)
+            with ticking(f"{dataset_id}: combining medium and expert ({sum(p.total_steps for p in parts):,} steps)"):
+                combined = minari.combine_datasets(parts, dataset_id)
             # Combining keeps the environment but drops the reference scores and the evaluation environment.
             combined.storage.update_metadata({"ref_min_score": REF_MIN, "ref_max_score": REF_MAX,
                                               "num_episodes_average_score": 100, "eval_env_spec": spec.to_json(),
                                               **describe(name)})
         else:
+            if name == "medium-replay":
+                say(f"{dataset_id}: reading SAC's replay buffer, benchmark/datasets/hopper/replay.npz")
             episodes = (replay_episodes() if name == "medium-replay" else
-                        rollouts("actor_100000.pt" if name == "medium" else "actor_390000.pt",
+                        rollouts(dataset_id, "actor_100000.pt" if name == "medium" else "actor_390000.pt",
                                  0 if name == "medium" else 100_000, args.steps, args.seed))
-            minari.create_dataset_from_buffers(dataset_id, episodes, env=spec, eval_env=spec, ref_min_score=REF_MIN,
-                                               ref_max_score=REF_MAX, **describe(name))
-        print(f"{dataset_id}: built under {root}")
+            minari.create_dataset_from_buffers(dataset_id, writing(dataset_id, episodes), env=spec, eval_env=spec,
+                                               ref_min_score=REF_MIN, ref_max_score=REF_MAX, **describe(name))
+        say(f"{dataset_id}: built under {root} in {time.monotonic() - start:.0f} s")
     for name in order:
-        dataset_id = f"local/hopper/{name}-v0"
-        ds = minari.load_dataset(dataset_id)
-        print(f"{dataset_id}: {ds.total_steps} transitions, {ds.total_episodes} episodes, mean episode score "
-              f"{mean_score(ds):.1f}")
+        say(summary(f"local/hopper/{name}-v0"))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ return, against the true values of a DOPE-style set of policies (Fu et al. 2021,
     python benchmark/ope.py truth --out sweeps/ope        # 50 episodes per policy: true discounted values; critics
     python benchmark/ope.py fqe --out sweeps/ope          # fqe.py on every policy (resumable)
     python benchmark/ope.py peer --out sweeps/ope --peer-python peer/bin/python   # d3rlpy's FQE, its own venv
-    python benchmark/ope.py report --out sweeps/ope       # tables and figure in benchmark/results/
+    python benchmark/ope.py report --out sweeps/ope       # tables and figure in sweeps/ope/
+    python benchmark/ope.py report --out sweeps/ope --results benchmark/results   # the published ones
 
 Each step skips what an earlier call finished, so a cut call is continued by running it again.
 
 policies: every entry of RUNS trains once per dataset (seed 1, 1 thread, two at a time) with --save-every 1000; a
   snapshot of each checkpoint is copied as it appears ({out}/{dataset}/snapshots/{name}_{step}.pt), and the chosen
   steps become the policy set: each exported again as {name}_{step}_policy.pt2, the file the scripts write beside
-  their checkpoints.
+  their checkpoints. A run that was cut continues from its last checkpoint (--resume), unless a snapshot it should
+  have copied before that checkpoint is missing: then it starts over.
 truth: per policy, --episodes episodes in the dataset's environment from seeds 0..episodes-1: the mean discounted
   return at --discount (the ground truth), its standard error and the undiscounted return; the training critic's own
   estimate, Q(s0, pi(s0)) averaged over the dataset's episode starts (min over twin critics, IQL's reward scaling
@@ -22,7 +24,8 @@ fqe / peer: fqe.py (its defaults, --total-steps, --num-bootstrap) and benchmark/
   defaults) on every policy of the set; results as JSON per policy.
 report: per dataset, each estimator's normalized absolute error, Spearman rank correlation and regret@1 (and those of
   the lower end of fqe.py's interval) with 95% bootstrap intervals over policies (1000 resamples), as DOPE computes
-  them; fqe.py's interval coverage; the figure of the CQL runs' critics against the true value over training.
+  them; fqe.py's interval coverage; the figure of the CQL runs' critics against the true value over training. Written
+  into --out, or into --results when given.
 """
 
 import json
@@ -34,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import tyro
@@ -78,8 +81,8 @@ class Args:
     """fqe.py's bootstrap fits per policy"""
     peer_python: str = "peer/bin/python"
     """the Python of d3rlpy's environment (benchmark/peers/d3rlpy_fqe.py's docstring sets it up)"""
-    results: Path = ROOT / "benchmark" / "results"
-    """where report writes ope.md, ope.csv and ope_critics.png"""
+    results: Optional[Path] = None
+    """where report writes ope.md, ope.csv and ope_critics.png: None is --out; benchmark/results holds the published"""
 
 
 def slug(dataset_id: str) -> str:
@@ -94,18 +97,35 @@ def env_with_one_thread() -> dict:
 def train_with_snapshots(name: str, script: str, extra: list, steps: int, dataset_id: str, out: Path,
                          discount: float):
     """One training run; every checkpoint it writes (--save-every 1000) is copied to snapshots/ as it appears."""
+    import torch
+
     folder = out / slug(dataset_id)
     snapshots, work = folder / "snapshots", folder / "work" / name
     if (snapshots / f"{name}_{steps}.pt").exists():
         return f"{name} on {dataset_id}: done before"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    wanted = range(1000, steps + 1, 1000) if name in FIGURE_RUNS else [s for n, *_, chosen in RUNS if n == name
+                                                                         for s in chosen]
+    # A cut run continues from its checkpoint, unless a snapshot it wrote before that checkpoint was never copied
+    # (the copying stopped first): the checkpoint has moved past it, and only a run from step 0 writes it again.
+    checkpoints, resumed = sorted((work / "runs").glob(f"*/{name}.pt")), None
+    if checkpoints:
+        resumed = torch.load(checkpoints[0], map_location="cpu", weights_only=True)["loop"]["step"]
+        if any(s < resumed and not (snapshots / f"{name}_{s}.pt").exists() for s in wanted):
+            resumed = None
+    if resumed is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        argv = [sys.executable, str(ROOT / script), "--dataset-id", dataset_id, "--seed", "1", "--total-steps",
+                str(steps), "--save-every", "1000", "--eval-episodes", "0", "--exp-name", name, "--discount",
+                str(discount), *extra]
+    else:  # every argument comes from the checkpoint
+        argv = [sys.executable, str(ROOT / script), "--resume", str(checkpoints[0].parent.relative_to(work))]
     snapshots.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(ROOT / script), "--dataset-id", dataset_id, "--seed", "1", "--total-steps", str(steps),
-            "--save-every", "1000", "--eval-episodes", "0", "--exp-name", name, "--discount", str(discount), *extra]
-    import torch
 
-    with open(work / "log.txt", "w") as log:
+    with open(work / "log.txt", "w" if resumed is None else "a") as log:
+        if resumed is not None:  # the log goes on where the cut run's stopped
+            log.write(f"ope.py: resuming at step {resumed}: {' '.join(argv[1:])}\n")
+            log.flush()
         process = subprocess.Popen(argv, cwd=work, env=env_with_one_thread(), stdout=log, stderr=subprocess.STDOUT)
         seen = {}
         while True:
@@ -121,13 +141,11 @@ def train_with_snapshots(name: str, script: str, extra: list, steps: int, datase
             if finished:
                 break
             time.sleep(0.5)
-    wanted = range(1000, steps + 1, 1000) if name in FIGURE_RUNS else [s for n, *_, chosen in RUNS if n == name
-                                                                         for s in chosen]
     missing = [step for step in wanted if not (snapshots / f"{name}_{step}.pt").exists()]
     if process.returncode != 0 or missing:
         raise SystemExit(f"{name} on {dataset_id} failed (exit {process.returncode}; no snapshot at steps {missing}): "
                          f"see {work / 'log.txt'}")
-    return f"{name} on {dataset_id}: {steps} steps"
+    return f"{name} on {dataset_id}: {steps} steps" + (f" (resumed at step {resumed})" if resumed is not None else "")
 
 
 def export_snapshot(path: Path) -> Path:
@@ -338,7 +356,9 @@ def bootstrap(true: np.ndarray, estimate: np.ndarray, resamples: int = 1000, see
         pick = rng.integers(len(true), size=len(true))
         if true[pick].max() > true[pick].min():
             values.append(metrics(true[pick], estimate[pick], true.min(), true.max()))
-    return np.nanpercentile(np.array(values), [2.5, 97.5], axis=0)
+    # A metric undefined on every resample (a constant estimate's Spearman) has no interval: nan, as its point value.
+    return np.array([np.nanpercentile(v, [2.5, 97.5]) if not np.isnan(v).all() else [np.nan, np.nan]
+                     for v in np.array(values).T]).T
 
 
 def load_results(dataset_id: str, out: Path) -> list[dict]:
@@ -358,7 +378,9 @@ def load_results(dataset_id: str, out: Path) -> list[dict]:
 
 
 def report(args: Args):
-    lines, csv = ["# Off-policy evaluation on the local Hopper datasets", ""], []
+    names = list(args.datasets)
+    title = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    lines, csv = [f"# Off-policy evaluation on {title}", ""], []
     for dataset_id in args.datasets:
         rows = load_results(dataset_id, args.out)
         true = np.array([r["true"] for r in rows])
@@ -390,16 +412,18 @@ def report(args: Args):
                          + ("-" if r["critic"] is None else f"{r['critic']:.1f}") + " |")
             csv.append({"dataset": dataset_id, **{k: v for k, v in r.items() if not isinstance(v, list)}})
         lines.append("")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "ope.md").write_text("\n".join(lines))
+    results = args.results or args.out
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "ope.md").write_text("\n".join(lines))
     keys = list(dict.fromkeys(k for row in csv for k in row))
-    (args.results / "ope.csv").write_text("\n".join([",".join(keys)] + [",".join(str(row.get(k, "")) for k in keys)
-                                                                         for row in csv]) + "\n")
+    (results / "ope.csv").write_text("\n".join([",".join(keys)] + [",".join(str(row.get(k, "")) for k in keys)
+                                                                    for row in csv]) + "\n")
     print("\n".join(lines))
-    plot_critics(args)
+    plot_critics(args, results)
+    print(f"written: {results / 'ope.md'}, ope.csv, ope_critics.png")
 
 
-def plot_critics(args: Args):
+def plot_critics(args: Args, results: Path):
     """The figure: each CQL run's critic estimate of J(pi) against pi's true value, over training."""
     import matplotlib
 
@@ -420,7 +444,7 @@ def plot_critics(args: Args):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.results / "ope_critics.png", dpi=110)
+    fig.savefig(results / "ope_critics.png", dpi=110)
     plt.close(fig)
 
 

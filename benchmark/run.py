@@ -12,7 +12,9 @@ A run that was cut off (it exited with 143 or 130 after SIGTERM or SIGINT, havin
 folder, checkpoint included, under {out}/cut/, and the next call with the same grid continues it from that checkpoint:
 `python SCRIPT --resume {out}/cut/{run folder}`, which takes every argument from the checkpoint and writes into that
 folder; once it finishes, the folder moves to {out}/runs/ (TensorBoard reads the folder's several event files as one
-curve). (A run that gets the signal as it exits, its training done, can come back as cut; resumed, it ends at once.)
+curve). Its log ends with the command that continues it: this sweep's own, run again (the resume command the script
+itself printed names the temporary folder it ran in). (A run that gets the signal as it exits, its training done, can
+come back as cut; resumed, it ends at once.)
 A call refuses to resume a cut run whose arguments differ from what the grid now gives it. A run that fails
 (any other exit code) leaves its folder under {out}/failed/ and the next call starts it over; move such a folder
 back into {out}/cut/ to resume it from its last periodic checkpoint (--save-every) instead.
@@ -77,15 +79,13 @@ class Args:
     args: str = ""
     """extra arguments for every run; starting with a dash, it needs the = form: --args="--total-steps 100000" """
     variants: tuple[str, ...] = ()
-    """'NAME: ARGS' strings, each one more run per script, dataset and seed, named {script}_{NAME} (see above)"""
+    """'NAME: ARGS' strings: each adds ARGS to its own set of runs, named {script}_{NAME} ({script} alone for ': ')"""
     out: Path = Path("benchmark/sweeps/default")
-    """output folder: runs/ (TensorBoard), logs/ (console output), done/ (finished-run markers), cut/ (runs stopped
-    with a checkpoint, which the next call resumes), failed/"""
+    """output folder: runs/ (TensorBoard), logs/ (console output), done/ (finished runs), cut/ (to resume), failed/"""
     workers: int = 1
     """runs at a time (local backend)"""
     runs_per_gpu: Optional[int] = None
-    """local backend on a GPU machine: this many runs at a time on each visible GPU (CUDA_VISIBLE_DEVICES set per run),
-    under CUDA MPS when the machine has it (its control daemon is started for the sweep if none runs)"""
+    """local backend on a GPU machine: this many runs at a time on each visible GPU, under CUDA MPS where it exists"""
     threads: Optional[int] = None
     """CPU threads per run; default: this machine's cores divided by --workers (local), 1 (Ray)"""
     backend: Literal["local", "ray"] = "local"
@@ -93,12 +93,9 @@ class Args:
     ray_address: Optional[str] = None
     """Ray cluster address (e.g. 'auto' or 'ray://host:10001'); None starts a Ray instance on this machine"""
     time_limit: Optional[float] = None
-    """seconds this call may take (local backend): no run starts in the last --stop-grace seconds, and then every
-    running run gets SIGTERM, saves its checkpoint and exits; the same command again continues them (exit code 3 until
-    every run has finished)"""
+    """seconds this call may take (local backend); then the runs save and stop, and the same command continues them"""
     stop_grace: float = 60.0
-    """seconds before --time-limit at which the runs are stopped: the time a run needs to finish its current step,
-    which can include an evaluation, and write its checkpoint"""
+    """seconds before --time-limit at which runs get SIGTERM: time to end a step (maybe an evaluation) and save"""
     dry_run: bool = False
     """print the runs that would start and exit"""
 
@@ -251,6 +248,20 @@ def stopped_at(log: str) -> str:
     return "?"
 
 
+def point_log_at_sweep(log: Path, folder: Path, step: str):
+    """A cut run's log ends with the script's 'continue with python {temporary folder}/SCRIPT --resume runs/...', which
+    names a folder that is gone (the script ran there) and a run folder that moved to cut/. That line is rewritten to
+    say where the checkpoint is, and a last line gives what does continue the run: the sweep's own command again."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    for i, line in enumerate(lines):
+        if " at step " in line and ": continue with" in line:
+            lines[i] = line.split(": continue with")[0] + f": checkpoint saved; the run is now in {folder}"
+    at = f" at step {step}" if step != "?" else ""  # '?': signalled as it ended, after its last step
+    lines.append(f"run.py: cut{at}: run the same command again (in {os.getcwd()}) to resume it: "
+                 f"{shlex.join(['python', *sys.argv])}")
+    log.write_text("\n".join(lines) + "\n")
+
+
 def find_cut(run: Run, out: Path) -> Optional[Path]:
     """The run's folder under {out}/cut/, if an earlier call cut it off; refuses one cut with other arguments."""
     cut = out / "cut"
@@ -301,6 +312,7 @@ def finish(run: Run, rc: int, archive: bytes, out: Path, seconds: float, threads
             if outcome == "cut":
                 note_of(target).write_text(json.dumps({"argv": run.argv, "seconds": round(seconds, 1),
                                                        "step": stopped_at(log)}, indent=1))
+                point_log_at_sweep(out / "logs" / f"{run.key}.log", target, stopped_at(log))
     if run.resume and outcome != "cut":
         note_of(run.resume).unlink(missing_ok=True)
     if outcome == "done":

@@ -5,6 +5,7 @@ of run through a local Ray instance."""
 import json
 import os
 import re
+import shlex
 import sys
 
 import pytest
@@ -87,6 +88,14 @@ def test_time_limit_cuts_runs_and_the_same_command_resumes_them(minari_root, tmp
     folder = next(p for p in (out / "cut").iterdir() if p.is_dir())
     assert folder.name.startswith("test-hopper-random-v0__iql__1__") and (folder / "iql.pt").is_file()
     cut_step = int(stopped.group(1))
+    # The log names the sweep's command to continue the run, not the temporary copy of the script that ran.
+    command = shlex.join(["python", str(ROOT / "benchmark" / "run.py"), *sweep_args(out, steps)[1:], "--time-limit",
+                          str(stop_after + 2), "--stop-grace", "2"])
+    lines = log.read_text().splitlines()
+    assert lines[-1] == f"run.py: cut at step {stopped.group(1)}/{steps}: run the same command again (in {ROOT}) to " \
+                        f"resume it: {command}"
+    assert f"SIGTERM at step {cut_step}/{steps}: checkpoint saved; the run is now in {folder}" in lines
+    assert "offrl_run_" not in log.read_text()
 
     # The grid's arguments must stay those the cut run started with; the same ones resume it, with --resume alone.
     other = run_script(*sweep_args(out, steps + 1), "--dry-run", cwd=ROOT)
