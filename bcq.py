@@ -117,8 +117,8 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
-    obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
-    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1)
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: Cal-QL's returns-to-go
+    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
 # ---- Networks --------------------------------------------------------------------------------------------------------
@@ -358,9 +358,9 @@ def fail(message: str):
 
 
 def validate(args: Args, rules: dict):
-    """Refuses impossible arguments before anything is loaded. rules maps a message to the condition it needs."""
+    """Refuses impossible arguments before anything loads. rules maps a message to its condition; a script's own win."""
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
-        rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
+        rules.setdefault(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", getattr(args, name) > 0)
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
     for message in (message for message, ok in rules.items() if not ok):
@@ -475,8 +475,8 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
         fail(f"--{changed[0].replace('_', '-')} {given[changed[0]]} would change the run, which has "
              f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments" + ("; the learning-rate schedule "
              "and the last evaluation follow the total: start a new run" * (changed[0] == "total_steps")))
-    if args.resume and ckpt["loop"]["step"] >= ckpt["args"]["total_steps"]:  # nothing to train, evaluate or log
-        sys.exit(print(f"{args.resume} has finished its {ckpt['args']['total_steps']} steps: nothing to resume"))
+    if args.resume and ckpt["loop"]["step"] >= ckpt["loop"].get("last", ckpt["args"]["total_steps"]):  # finished
+        sys.exit(print(f"{args.resume} has finished its {ckpt['loop']['step']} steps: nothing to resume"))
     return (Args(**{**ckpt["args"], **given}) if args.resume else args), ckpt
 
 
@@ -584,16 +584,16 @@ if __name__ == "__main__":
     agent = Agent(split[0], split[1], args, device)
     train_step = cuda_graph(lambda: agent.update(*minibatch(table, split, args.batch_size)), args, device)
     loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "elapsed": 0.0, "carry": {}}
-    step, scores, eval_time, interval_steps = loop["step"], loop["scores"], 0.0, 0
+    step, scores, eval_time, interval_steps, last = loop["step"], loop["scores"], 0.0, 0, args.total_steps
     first, train_start, interval_start = step, time.perf_counter(), time.perf_counter()  # this session's stretch
     carry = lambda: {}  # what BCQ keeps between steps beyond the agent and its optimizers: nothing  # noqa: E731
-    state = lambda: {"step": step, "scores": scores, "carry": carry(),  # noqa: E731
+    state = lambda: {"step": step, "last": last, "scores": scores, "carry": carry(),  # noqa: E731
                      "elapsed": loop["elapsed"] + time.perf_counter() - train_start}  # the loop's part of a checkpoint
     stop["armed"] = True  # from here on, SIGTERM and SIGINT stop the run after a whole step, saved
-    for step in range(step + 1, args.total_steps + 1):
+    for step in range(step + 1, last + 1):
         info = train_step()
         interval_steps += 1
-        if step % args.log_every == 0 or step == args.total_steps:
+        if step % args.log_every == 0 or step == last:
             logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps
             logged["charts/updates_per_second"] = interval_steps / (time.perf_counter() - interval_start)
             logged["charts/peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
@@ -601,11 +601,11 @@ if __name__ == "__main__":
             for k, v in logged.items():
                 writer.add_scalar(k, v, step)
             interval_start, interval_steps = time.perf_counter(), 0
-        if envs and (step % args.eval_every == 0 or step == args.total_steps):
+        if envs and (step % args.eval_every == 0 or step == last):
             eval_start = time.perf_counter()
             returns = evaluate(agent.act, envs, task, args.seed)
             eval_time += time.perf_counter() - eval_start
-            score, line = normalized_score(returns, task), f"step {step}/{args.total_steps}"
+            score, line = normalized_score(returns, task), f"step {step}/{last}" + " online" * (step > args.total_steps)
             writer.add_scalar("eval/return", returns.mean(), step)
             line += f" | return {returns.mean():8.1f}"
             if score is not None:
@@ -613,23 +613,23 @@ if __name__ == "__main__":
                 scores.append(score)
                 line += f" | score {score:5.1f}"
             elapsed, done = time.perf_counter() - train_start, step - first  # a resumed run: since it resumed
-            left = elapsed / done * (args.total_steps - step)
+            left = elapsed / done * (last - step)
             print(f"{line} | {done / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
         stopping = stop.get("signal")  # read once: one arriving between two reads would stop the run unsaved
-        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
+        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < last):
             writer.flush()  # the curves up to this step, which a resumed run continues
             save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
             interval_start, interval_steps = time.perf_counter(), 0
         if stopping:
             writer.close()
-            print(f"{signal.Signals(stopping).name} at step {step}/{args.total_steps}: continue with "
+            print(f"{signal.Signals(stopping).name} at step {step}/{last}: continue with "
                   f"python {sys.argv[0]} --resume {run_dir}", flush=True)
             sys.exit(128 + stopping)
 
     if scores:
-        last = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
-        print(f"final score ({last}): {np.mean(scores[-3:]):.1f}")
+        averaged = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
+        print(f"final score ({averaged}): {np.mean(scores[-3:]):.1f}")
     if args.save_model:
         save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
     writer.close()

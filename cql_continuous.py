@@ -69,6 +69,12 @@ class Args:
     """path of a saved checkpoint: evaluate it on its own environment and exit, training nothing"""
     capture_video: bool = False
     """record the first episode of every evaluation to videos/{run_name} (needs moviepy)"""
+    online_steps: int = 0
+    """fine-tuning: environment steps after the offline updates, each followed by --utd updates (0: offline only)"""
+    utd: int = 1
+    """updates per online environment step (the update-to-data ratio)"""
+    online_ratio: float | None = None
+    """share of each minibatch from the online rows (0.5: symmetric sampling); default: all rows alike, as CORL"""
 
     # Algorithm specific arguments
     discount: float = 0.99
@@ -105,6 +111,8 @@ class Args:
     """rewards are multiplied by this..."""
     reward_bias: float = 0.0
     """...and then shifted by this (the official AntMaze setting: scale 4, bias -2)"""
+    calql: bool = False
+    """Cal-QL: the regularizer's policy-action Q values no lower than the data's Monte Carlo return-to-go"""
 
 
 # ---- Data ------------------------------------------------------------------------------------------------------------
@@ -126,11 +134,19 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
             "episode_lengths": np.array([len(r) for r in parts["rewards"]])}
 
 
+def returns_to_go(rewards: np.ndarray, lengths, discount: float) -> np.ndarray:
+    """Cal-QL's G(s_t) = sum_k gamma^k r_(t+k) to the end of s_t's episode, truncated or not: nothing bootstrapped."""
+    out, ends, g = np.zeros_like(rewards), set(np.cumsum(lengths) - 1), 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        g = out[i] = rewards[i] + discount * g * (i not in ends)
+    return out
+
+
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
-    obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
-    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1)
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: Cal-QL's returns-to-go
+    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
 # ---- Networks --------------------------------------------------------------------------------------------------------
@@ -242,7 +258,7 @@ class Agent(nn.Module):
         self.alpha_prime_opt = torch.optim.Adam([self.log_alpha_prime], args.critic_lr, capturable=adam["capturable"])
         self.online, self.targets = list(self.critic.parameters()), list(self.target_critic.parameters())
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, policy_sample=None) -> dict:
+    def losses(self, obs, actions, rewards, next_obs, terminals, policy_sample=None, rtg=None) -> dict:
         """The step's losses with their graphs: the policy's (SAC, or the BC warm start), the critic's (Bellman error
         plus the conservative term, sampled actions and log-probs detached) and alpha''s; policy_sample = (mean,
         log_std, action, log_pi) of pi(.|s), drawn here if not given."""
@@ -281,6 +297,9 @@ class Agent(nn.Module):
         q_all = self.critic(obs.repeat_interleave(1 + 3 * n, 0), all_actions.reshape(batch * (1 + 3 * n), -1))
         q_all = q_all.view(2, batch, 1 + 3 * n)
         q_data, q_rand, q_pi, q_pi_next = q_all[..., 0], *q_all[..., 1:].split(n, dim=-1)
+        if rtg is not None:  # Cal-QL: the policy actions' values pushed down no lower than the data's return-to-go
+            floor = rtg[:, None]
+            q_pi, q_pi_next, below = q_pi.clamp(min=floor), q_pi_next.clamp(min=floor), (q_pi < floor).float().mean()
         # Each member's plain MSE, as the official code has it (no 1/2: it sets the scale cql_alpha is tuned against).
         bellman = (q_data - q_target).pow(2).mean(1).sum()
         logsumexp = cql_logsumexp(q_rand, q_pi, q_pi_next, q_data, action_dim, pi_log_pi, pi_next_log_pi, a.cql_temp,
@@ -301,9 +320,10 @@ class Agent(nn.Module):
                 "losses/alpha": alpha.squeeze(), "losses/alpha_prime": alpha_prime.detach().squeeze(),
                 "values/q_data": q_data.detach().mean(), "values/q_random": q_rand.detach().mean(),
                 "values/q_policy": q_pi.detach().mean(), "values/q_ood": logsumexp.detach().mean(),
-                "values/cql_gap": gap.detach().mean(), "values/q_target": q_target.mean()}
+                "values/cql_gap": gap.detach().mean(), "values/q_target": q_target.mean(),
+                **({"values/calql_floored": below} if rtg is not None else {})}
 
-    def update(self, obs, actions, rewards, next_obs, terminals) -> dict:
+    def update(self, obs, actions, rewards, next_obs, terminals, rtg=None) -> dict:
         """One step on alpha, then the policy, the critics and alpha', in the official trainer's order."""
         # SAC's temperature first, towards the entropy target; the policy's loss then uses the updated alpha.
         mean, log_std = self.actor(obs)
@@ -313,7 +333,7 @@ class Agent(nn.Module):
         alpha_loss.backward()
         self.alpha_opt.step()
 
-        out = self.losses(obs, actions, rewards, next_obs, terminals, (mean, log_std, new_actions, log_pi))
+        out = self.losses(obs, actions, rewards, next_obs, terminals, (mean, log_std, new_actions, log_pi), rtg)
         # The losses share no parameters (the critic's weights are detached in the policy's, everything but alpha' in
         # alpha''s), so one backward pass gives each network exactly its own gradient.
         self.actor_opt.zero_grad(set_to_none=True)
@@ -339,6 +359,10 @@ class Agent(nn.Module):
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Evaluation acts with the mean action, tanh(mu)."""
         return torch.tanh(self.actor(obs)[0])
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """Fine-tuning collects with a draw from SAC's own tanh-Gaussian policy."""
+        return sample_tanh_gaussian(*self.actor(obs))[0]
 
 
 # ---- Evaluation ------------------------------------------------------------------------------------------------------
@@ -397,9 +421,9 @@ def fail(message: str):
 
 
 def validate(args: Args, rules: dict):
-    """Refuses impossible arguments before anything is loaded. rules maps a message to the condition it needs."""
+    """Refuses impossible arguments before anything loads. rules maps a message to its condition; a script's own win."""
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
-        rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
+        rules.setdefault(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", getattr(args, name) > 0)
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
     for message in (message for message, ok in rules.items() if not ok):
@@ -514,8 +538,8 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
         fail(f"--{changed[0].replace('_', '-')} {given[changed[0]]} would change the run, which has "
              f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments" + ("; the learning-rate schedule "
              "and the last evaluation follow the total: start a new run" * (changed[0] == "total_steps")))
-    if args.resume and ckpt["loop"]["step"] >= ckpt["args"]["total_steps"]:  # nothing to train, evaluate or log
-        sys.exit(print(f"{args.resume} has finished its {ckpt['args']['total_steps']} steps: nothing to resume"))
+    if args.resume and ckpt["loop"]["step"] >= ckpt["loop"].get("last", ckpt["args"]["total_steps"]):  # finished
+        sys.exit(print(f"{args.resume} has finished its {ckpt['loop']['step']} steps: nothing to resume"))
     return (Args(**{**ckpt["args"], **given}) if args.resume else args), ckpt
 
 
@@ -545,6 +569,36 @@ def stop_on_signals(stop: dict) -> dict:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, handler)
     return stop
+
+
+def online_minibatch(table, split: list, batch_size: int, filled: torch.Tensor, offline: int, online_ratio):
+    """minibatch from a table that grows online: uniform over its filled rows or, with online_ratio, that share of the
+    batch from the online rows once there are any; filled, the row count, stays on the device (a captured graph)."""
+    u, lo, hi = torch.rand(batch_size, device=table.device), torch.zeros_like(filled), filled
+    if online_ratio is not None:
+        tail = (torch.arange(batch_size, device=table.device) >= batch_size * (1 - online_ratio)) & (filled > offline)
+        lo, hi = torch.where(tail, offline, 0), torch.where(tail, filled, offline)
+    obs, actions, rewards, next_obs, terminals, *more = table[(lo + u * (hi - lo)).long()].split(split, dim=1)
+    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
+
+
+def collect(agent: nn.Module, table: torch.Tensor, online: dict, task: dict, writer, step: int):
+    """Fine-tuning: one exploration step in online["env"], made the table's next row the way the dataset's rows were."""
+    mean, std, low, high = (task[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))
+    if online["obs"] is None:  # episodes seeded apart from the evaluation's (seed + i)
+        online["obs"] = online["env"].reset(seed=online["seed"] + online["episodes"])[0]
+    obs = (torch.as_tensor(online["obs"], dtype=torch.float32, device=mean.device) - mean) / std
+    action = agent.explore(obs[None])[0].detach()
+    online["obs"], reward, terminated, truncated, _ = online["env"].step(
+        (low + (action + 1.0) * 0.5 * (high - low)).cpu().numpy())
+    next_obs = (torch.as_tensor(online["obs"], dtype=torch.float32, device=mean.device) - mean) / std
+    r, done = obs.new_tensor([float(reward) * online["scale"] + online["shift"], terminated]).split(1)  # not truncated
+    table[online["rows"], :2 * len(obs) + len(action) + 2] = torch.cat([obs, action, r, next_obs, done])
+    online["filled"] += 1
+    online["rows"] += 1
+    if terminated or truncated:
+        writer.add_scalar("charts/env_steps", online["rows"] - online["offline_rows"], step)
+        online.update({"obs": None, "episodes": online["episodes"] + 1})
 
 
 def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
@@ -607,6 +661,9 @@ if __name__ == "__main__":
         f"--cql-alpha must be >= 0, got {args.cql_alpha} (the paper: 5 or 10)": args.cql_alpha >= 0,
         "--cql-n-actions must be >= 1 and --cql-temp > 0": args.cql_n_actions >= 1 and args.cql_temp > 0,
         "--lagrange-gap (0: off) and --bc-steps must be >= 0": min(args.lagrange_gap, args.bc_steps) >= 0,
+        f"--total-steps must be >= 1, got {args.total_steps}": args.total_steps > 0 or args.online_steps > 0,
+        "--online-steps must be >= 0 and --utd >= 1": args.online_steps >= 0 and args.utd >= 1,
+        f"--online-ratio must lie in [0, 1], got {args.online_ratio}": 0 <= (args.online_ratio or 0) <= 1,
     })
     args, ckpt = load_checkpoint(args) if args.checkpoint or args.resume else (args, {})
     keep_freed_memory()
@@ -619,7 +676,15 @@ if __name__ == "__main__":
         sys.exit(evaluate_checkpoint(args, ckpt, device))
 
     data, task = load_data(args, device)
-    table, split = transition_table({**data, "rewards": data["rewards"] * args.reward_scale + args.reward_bias}, task)
+    rewards = data["rewards"] * args.reward_scale + args.reward_bias
+    table, split = transition_table({**data, "rewards": rewards}, task)
+    online = {"obs": None, "rows": len(table), "offline_rows": len(table), "episodes": 0, "scale": args.reward_scale,
+              "shift": args.reward_bias, "seed": args.seed + 10**6, "filled": torch.tensor(len(table), device=device),
+              "env": make_eval_envs(task, 1, None)[0] if args.online_steps else None}  # the training environment
+    if args.calql:  # one more column, G; -inf (no floor) in an online row until its episode has ended
+        g = torch.as_tensor(returns_to_go(rewards, data["episode_lengths"], args.discount), device=device)
+        table, split = torch.cat([table, g[:, None]], 1), [*split, 1]
+    table = torch.cat([table, table.new_full((args.online_steps, table.shape[1]), -torch.inf)])  # room for online rows
     run_name = f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or f"runs/{run_name}"
     while os.path.exists(run_dir) and not args.resume:  # never write into another run's folder
@@ -632,18 +697,33 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     agent = Agent(split[0], split[1], args, device)
-    train_step = cuda_graph(lambda: agent.update(*minibatch(table, split, args.batch_size)), args, device)
+    sample = lambda: online_minibatch(  # noqa: E731  (offline only: minibatch, the published runs' draws, bit for bit)
+        table, split, args.batch_size, online["filled"], online["offline_rows"], args.online_ratio
+    ) if args.online_steps else minibatch(table, split, args.batch_size)
+    train_step = cuda_graph(lambda: agent.update(*sample()), args, device)
     loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "elapsed": 0.0, "carry": {}}
     step, scores, eval_time, interval_steps = loop["step"], loop["scores"], 0.0, 0
+    last = args.total_steps + args.online_steps * args.utd  # offline updates, then the online phase's
     first, train_start, interval_start = step, time.perf_counter(), time.perf_counter()  # this session's stretch
-    carry = lambda: {}  # what CQL keeps between steps beyond the agent and its optimizers: nothing  # noqa: E731
-    state = lambda: {"step": step, "scores": scores, "carry": carry(),  # noqa: E731
+    carry = lambda: {"online": table[online["offline_rows"]:online["rows"]].cpu(),  # noqa: E731
+                     "episodes": online["episodes"]}  # what CQL keeps between steps besides the agent
+    if loop["carry"]:  # resumed: the online rows come back; the episode that was in progress starts over
+        online.update(episodes=loop["carry"]["episodes"], rows=online["rows"] + len(loop["carry"]["online"]))
+        table[online["offline_rows"]:online["rows"]] = loop["carry"]["online"]
+        online["filled"].fill_(online["rows"])
+    episode_start = online["rows"]  # Cal-QL: where the running episode's rows begin
+    state = lambda: {"step": step, "last": last, "scores": scores, "carry": carry(),  # noqa: E731
                      "elapsed": loop["elapsed"] + time.perf_counter() - train_start}  # the loop's part of a checkpoint
     stop["armed"] = True  # from here on, SIGTERM and SIGINT stop the run after a whole step, saved
-    for step in range(step + 1, args.total_steps + 1):
+    for step in range(step + 1, last + 1):
+        if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:  # online: one environment step
+            collect(agent, table, online, task, writer, step)
+            if args.calql and online["obs"] is None:  # an episode ended: its rows get their return-to-go
+                ep, episode_start = table[episode_start:online["rows"]], online["rows"]  # ep: a view of the table
+                ep[:, -1] = ep.new_tensor(returns_to_go(ep[:, sum(split[:2])].cpu().numpy(), [len(ep)], args.discount))
         info = train_step()
         interval_steps += 1
-        if step % args.log_every == 0 or step == args.total_steps:
+        if step % args.log_every == 0 or step == last:
             logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps
             logged["charts/updates_per_second"] = interval_steps / (time.perf_counter() - interval_start)
             logged["charts/peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
@@ -651,11 +731,11 @@ if __name__ == "__main__":
             for k, v in logged.items():
                 writer.add_scalar(k, v, step)
             interval_start, interval_steps = time.perf_counter(), 0
-        if envs and (step % args.eval_every == 0 or step == args.total_steps):
+        if envs and (step % args.eval_every == 0 or step == last):
             eval_start = time.perf_counter()
             returns = evaluate(agent.act, envs, task, args.seed)
             eval_time += time.perf_counter() - eval_start
-            score, line = normalized_score(returns, task), f"step {step}/{args.total_steps}"
+            score, line = normalized_score(returns, task), f"step {step}/{last}" + " online" * (step > args.total_steps)
             writer.add_scalar("eval/return", returns.mean(), step)
             line += f" | return {returns.mean():8.1f}"
             if score is not None:
@@ -663,23 +743,23 @@ if __name__ == "__main__":
                 scores.append(score)
                 line += f" | score {score:5.1f}"
             elapsed, done = time.perf_counter() - train_start, step - first  # a resumed run: since it resumed
-            left = elapsed / done * (args.total_steps - step)
+            left = elapsed / done * (last - step)
             print(f"{line} | {done / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
         stopping = stop.get("signal")  # read once: one arriving between two reads would stop the run unsaved
-        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
+        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < last):
             writer.flush()  # the curves up to this step, which a resumed run continues
             save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
             interval_start, interval_steps = time.perf_counter(), 0
         if stopping:
             writer.close()
-            print(f"{signal.Signals(stopping).name} at step {step}/{args.total_steps}: continue with "
+            print(f"{signal.Signals(stopping).name} at step {step}/{last}: continue with "
                   f"python {sys.argv[0]} --resume {run_dir}", flush=True)
             sys.exit(128 + stopping)
 
     if scores:
-        last = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
-        print(f"final score ({last}): {np.mean(scores[-3:]):.1f}")
+        averaged = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
+        print(f"final score ({averaged}): {np.mean(scores[-3:]):.1f}")
     if args.save_model:
         save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
     writer.close()

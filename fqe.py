@@ -240,9 +240,9 @@ def fail(message: str):
 
 
 def validate(args: Args, rules: dict):
-    """Refuses impossible arguments before anything is loaded. rules maps a message to the condition it needs."""
+    """Refuses impossible arguments before anything loads. rules maps a message to its condition; a script's own win."""
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
-        rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
+        rules.setdefault(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", getattr(args, name) > 0)
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
     for message in (message for message, ok in rules.items() if not ok):
@@ -412,12 +412,12 @@ if __name__ == "__main__":
 
     train_step = cuda_graph(lambda: agent.update(*sample(), *(float(b) / (1 - args.discount) for b in bounds)),
                             args, device)
-    scores, estimated_at, interval_steps = [], [], 0
+    scores, estimated_at, interval_steps, last = [], [], 0, args.total_steps
     train_start = interval_start = time.perf_counter()
-    for step in range(1, args.total_steps + 1):
+    for step in range(1, last + 1):
         info = train_step()
         interval_steps += 1
-        if step % args.log_every == 0 or step == args.total_steps:
+        if step % args.log_every == 0 or step == last:
             logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps
             logged["charts/updates_per_second"] = interval_steps / (time.perf_counter() - interval_start)
             logged["charts/peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else

@@ -67,6 +67,12 @@ class Args:
     """path of a saved checkpoint: evaluate it on its own environment and exit, training nothing"""
     capture_video: bool = False
     """record the first episode of every evaluation to videos/{run_name} (needs moviepy)"""
+    online_steps: int = 0
+    """fine-tuning: environment steps after the offline updates, each followed by --utd updates (0: offline only)"""
+    utd: int = 1
+    """updates per online environment step (the update-to-data ratio)"""
+    online_ratio: float | None = None
+    """share of each minibatch from the online rows (0.5: symmetric sampling); default: all rows alike, as CORL"""
 
     # Algorithm specific arguments
     discount: float = 0.99
@@ -117,8 +123,8 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
-    obs, actions, rewards, next_obs, terminals = table[idx].split(split, dim=1)
-    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1)
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: Cal-QL's returns-to-go
+    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
 # ---- Networks --------------------------------------------------------------------------------------------------------
@@ -250,8 +256,9 @@ class Agent(nn.Module):
         (actor_loss + critic_loss).backward()
         self.critic_opt.step()
         self.actor_opt.step()
-        self.steps += 1  # the actor's learning rate decays on a cosine to 0 at total_steps, as in the official code
-        self.actor_lr.copy_(a.actor_lr * (1 + torch.cos(np.pi * (self.steps / a.total_steps).clamp(max=1))) / 2)
+        self.steps += 1  # the actor's learning rate decays on a cosine to 0 at total_steps, as in the official code;
+        if not a.online_steps:  # its fine-tuning configuration decays nothing (CORL's cosine restarts; d3rlpy resets)
+            self.actor_lr.copy_(a.actor_lr * (1 + torch.cos(np.pi * (self.steps / a.total_steps).clamp(max=1))) / 2)
 
         # (4) Polyak averaging of the target networks.
         with torch.no_grad():
@@ -273,6 +280,11 @@ class Agent(nn.Module):
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         """Evaluation acts with the mean action, dropout off (update turns it back on)."""
         return self.actor.eval()(obs)
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        """Fine-tuning collects with a draw from pi's own Gaussian, inside the bounds, as the official code does."""
+        mean = self.act(obs)
+        return (mean + torch.randn_like(mean) * self.actor.log_std.clamp(-5.0, 2.0).exp()).clamp(-1 + 1e-5, 1 - 1e-5)
 
 
 # ---- Evaluation ------------------------------------------------------------------------------------------------------
@@ -331,9 +343,9 @@ def fail(message: str):
 
 
 def validate(args: Args, rules: dict):
-    """Refuses impossible arguments before anything is loaded. rules maps a message to the condition it needs."""
+    """Refuses impossible arguments before anything loads. rules maps a message to its condition; a script's own win."""
     for name in ("total_steps", "batch_size", "eval_every", "log_every"):
-        rules[f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"] = getattr(args, name) >= 1
+        rules.setdefault(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", getattr(args, name) > 0)
     rules[f"--eval-episodes must be >= 0, got {args.eval_episodes}"] = args.eval_episodes >= 0
     rules[f"--hidden-dims needs positive sizes, got {args.hidden_dims}"] = min(args.hidden_dims, default=0) > 0
     for message in (message for message, ok in rules.items() if not ok):
@@ -448,8 +460,8 @@ def load_checkpoint(args: Args) -> tuple[Args, dict]:
         fail(f"--{changed[0].replace('_', '-')} {given[changed[0]]} would change the run, which has "
              f"{ckpt['args'].get(changed[0])}: a resumed run keeps its arguments" + ("; the learning-rate schedule "
              "and the last evaluation follow the total: start a new run" * (changed[0] == "total_steps")))
-    if args.resume and ckpt["loop"]["step"] >= ckpt["args"]["total_steps"]:  # nothing to train, evaluate or log
-        sys.exit(print(f"{args.resume} has finished its {ckpt['args']['total_steps']} steps: nothing to resume"))
+    if args.resume and ckpt["loop"]["step"] >= ckpt["loop"].get("last", ckpt["args"]["total_steps"]):  # finished
+        sys.exit(print(f"{args.resume} has finished its {ckpt['loop']['step']} steps: nothing to resume"))
     return (Args(**{**ckpt["args"], **given}) if args.resume else args), ckpt
 
 
@@ -479,6 +491,36 @@ def stop_on_signals(stop: dict) -> dict:
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, handler)
     return stop
+
+
+def online_minibatch(table, split: list, batch_size: int, filled: torch.Tensor, offline: int, online_ratio):
+    """minibatch from a table that grows online: uniform over its filled rows or, with online_ratio, that share of the
+    batch from the online rows once there are any; filled, the row count, stays on the device (a captured graph)."""
+    u, lo, hi = torch.rand(batch_size, device=table.device), torch.zeros_like(filled), filled
+    if online_ratio is not None:
+        tail = (torch.arange(batch_size, device=table.device) >= batch_size * (1 - online_ratio)) & (filled > offline)
+        lo, hi = torch.where(tail, offline, 0), torch.where(tail, filled, offline)
+    obs, actions, rewards, next_obs, terminals, *more = table[(lo + u * (hi - lo)).long()].split(split, dim=1)
+    return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
+
+
+def collect(agent: nn.Module, table: torch.Tensor, online: dict, task: dict, writer, step: int):
+    """Fine-tuning: one exploration step in online["env"], made the table's next row the way the dataset's rows were."""
+    mean, std, low, high = (task[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))
+    if online["obs"] is None:  # episodes seeded apart from the evaluation's (seed + i)
+        online["obs"] = online["env"].reset(seed=online["seed"] + online["episodes"])[0]
+    obs = (torch.as_tensor(online["obs"], dtype=torch.float32, device=mean.device) - mean) / std
+    action = agent.explore(obs[None])[0].detach()
+    online["obs"], reward, terminated, truncated, _ = online["env"].step(
+        (low + (action + 1.0) * 0.5 * (high - low)).cpu().numpy())
+    next_obs = (torch.as_tensor(online["obs"], dtype=torch.float32, device=mean.device) - mean) / std
+    r, done = obs.new_tensor([float(reward) * online["scale"] + online["shift"], terminated]).split(1)  # not truncated
+    table[online["rows"], :2 * len(obs) + len(action) + 2] = torch.cat([obs, action, r, next_obs, done])
+    online["filled"] += 1
+    online["rows"] += 1
+    if terminated or truncated:
+        writer.add_scalar("charts/env_steps", online["rows"] - online["offline_rows"], step)
+        online.update({"obs": None, "episodes": online["episodes"] + 1})
 
 
 def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
@@ -529,6 +571,9 @@ if __name__ == "__main__":
         f"--expectile must lie in (0, 1), got {args.expectile} (locomotion: 0.7, AntMaze: 0.9)": 0 < args.expectile < 1,
         f"--temperature must be >= 0, got {args.temperature}": args.temperature >= 0,
         f"--dropout must lie in [0, 1), got {args.dropout}": 0.0 <= args.dropout < 1.0,
+        f"--total-steps must be >= 1, got {args.total_steps}": args.total_steps > 0 or args.online_steps > 0,
+        "--online-steps must be >= 0 and --utd >= 1": args.online_steps >= 0 and args.utd >= 1,
+        f"--online-ratio must lie in [0, 1], got {args.online_ratio}": 0 <= (args.online_ratio or 0) <= 1,
     })
     args, ckpt = load_checkpoint(args) if args.checkpoint or args.resume else (args, {})
     random.seed(args.seed)
@@ -545,6 +590,10 @@ if __name__ == "__main__":
     scale = 1000.0 / spread if args.normalize_reward and spread > 0 else 1.0
     table, split = transition_table({**data, "actions": np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5),
                                      "rewards": data["rewards"] * scale + args.reward_shift}, task)
+    online = {"obs": None, "rows": len(table), "offline_rows": len(table), "episodes": 0, "scale": scale,
+              "shift": args.reward_shift, "seed": args.seed + 10**6, "filled": torch.tensor(len(table), device=device),
+              "env": make_eval_envs(task, 1, None)[0] if args.online_steps else None}  # the training environment
+    table = torch.cat([table, table.new_zeros(args.online_steps, table.shape[1])])  # room for every online row
     run_name = f"{args.dataset_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = args.resume or f"runs/{run_name}"
     while os.path.exists(run_dir) and not args.resume:  # never write into another run's folder
@@ -557,18 +606,29 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     agent = Agent(split[0], split[1], args, device)
-    train_step = cuda_graph(lambda: agent.update(*minibatch(table, split, args.batch_size)), args, device)
+    sample = lambda: online_minibatch(  # noqa: E731  (offline only: minibatch, the published runs' draws, bit for bit)
+        table, split, args.batch_size, online["filled"], online["offline_rows"], args.online_ratio
+    ) if args.online_steps else minibatch(table, split, args.batch_size)
+    train_step = cuda_graph(lambda: agent.update(*sample()), args, device)
     loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "elapsed": 0.0, "carry": {}}
     step, scores, eval_time, interval_steps = loop["step"], loop["scores"], 0.0, 0
+    last = args.total_steps + args.online_steps * args.utd  # offline updates, then the online phase's
     first, train_start, interval_start = step, time.perf_counter(), time.perf_counter()  # this session's stretch
-    carry = lambda: {}  # what IQL keeps between steps beyond the agent and its optimizers: nothing  # noqa: E731
-    state = lambda: {"step": step, "scores": scores, "carry": carry(),  # noqa: E731
+    carry = lambda: {"online": table[online["offline_rows"]:online["rows"]].cpu(),  # noqa: E731
+                     "episodes": online["episodes"]}  # what IQL keeps between steps besides the agent
+    if loop["carry"]:  # resumed: the online rows come back; the episode that was in progress starts over
+        online.update(episodes=loop["carry"]["episodes"], rows=online["rows"] + len(loop["carry"]["online"]))
+        table[online["offline_rows"]:online["rows"]] = loop["carry"]["online"]
+        online["filled"].fill_(online["rows"])
+    state = lambda: {"step": step, "last": last, "scores": scores, "carry": carry(),  # noqa: E731
                      "elapsed": loop["elapsed"] + time.perf_counter() - train_start}  # the loop's part of a checkpoint
     stop["armed"] = True  # from here on, SIGTERM and SIGINT stop the run after a whole step, saved
-    for step in range(step + 1, args.total_steps + 1):
+    for step in range(step + 1, last + 1):
+        if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:  # online: one environment step
+            collect(agent, table, online, task, writer, step)
         info = train_step()
         interval_steps += 1
-        if step % args.log_every == 0 or step == args.total_steps:
+        if step % args.log_every == 0 or step == last:
             logged = {k: float(v) for k, v in info.items()}  # the loop's only host sync, once per log_every steps
             logged["charts/updates_per_second"] = interval_steps / (time.perf_counter() - interval_start)
             logged["charts/peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
@@ -576,11 +636,11 @@ if __name__ == "__main__":
             for k, v in logged.items():
                 writer.add_scalar(k, v, step)
             interval_start, interval_steps = time.perf_counter(), 0
-        if envs and (step % args.eval_every == 0 or step == args.total_steps):
+        if envs and (step % args.eval_every == 0 or step == last):
             eval_start = time.perf_counter()
             returns = evaluate(agent.act, envs, task, args.seed)
             eval_time += time.perf_counter() - eval_start
-            score, line = normalized_score(returns, task), f"step {step}/{args.total_steps}"
+            score, line = normalized_score(returns, task), f"step {step}/{last}" + " online" * (step > args.total_steps)
             writer.add_scalar("eval/return", returns.mean(), step)
             line += f" | return {returns.mean():8.1f}"
             if score is not None:
@@ -588,23 +648,23 @@ if __name__ == "__main__":
                 scores.append(score)
                 line += f" | score {score:5.1f}"
             elapsed, done = time.perf_counter() - train_start, step - first  # a resumed run: since it resumed
-            left = elapsed / done * (args.total_steps - step)
+            left = elapsed / done * (last - step)
             print(f"{line} | {done / (elapsed - eval_time):.0f} updates/s | {left / 60:.1f} min left", flush=True)
             interval_start, interval_steps = time.perf_counter(), 0
         stopping = stop.get("signal")  # read once: one arriving between two reads would stop the run unsaved
-        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < args.total_steps):
+        if stopping or (args.save_every > 0 and step % args.save_every == 0 and step < last):
             writer.flush()  # the curves up to this step, which a resumed run continues
             save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
             interval_start, interval_steps = time.perf_counter(), 0
         if stopping:
             writer.close()
-            print(f"{signal.Signals(stopping).name} at step {step}/{args.total_steps}: continue with "
+            print(f"{signal.Signals(stopping).name} at step {step}/{last}: continue with "
                   f"python {sys.argv[0]} --resume {run_dir}", flush=True)
             sys.exit(128 + stopping)
 
     if scores:
-        last = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
-        print(f"final score ({last}): {np.mean(scores[-3:]):.1f}")
+        averaged = f"mean of the last {len(scores[-3:])} evaluations" if len(scores) > 1 else "its only evaluation"
+        print(f"final score ({averaged}): {np.mean(scores[-3:]):.1f}")
     if args.save_model:
         save_checkpoint(f"{run_dir}/{args.exp_name}.pt", agent, args, task, state())
     writer.close()

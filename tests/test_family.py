@@ -21,7 +21,7 @@ SHARED = ["episodes_to_transitions", "load_data", "transition_table", "minibatch
           "fail", "validate", "load_minari", "save_checkpoint", "export_policy", "load_checkpoint", "restore",  # harness
           "stop_on_signals", "cuda_graph", "evaluate_checkpoint"]
 # Shared where present: the allocator setting is kept only by the scripts whose speed it changes.
-SHARED_WHERE_PRESENT = ["keep_freed_memory"]
+SHARED_WHERE_PRESENT = ["keep_freed_memory", "online_minibatch", "collect"]
 
 
 def top_level(script: str) -> dict:
