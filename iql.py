@@ -72,7 +72,7 @@ class Args:
     utd: int = 1
     """updates per online environment step (the update-to-data ratio)"""
     online_ratio: float | None = None
-    """share of each minibatch from the online rows (0.5: symmetric sampling); default: all rows alike, as CORL"""
+    """share of each batch from online rows (0.5: symmetric); default: all rows alike, or online only from scratch"""
 
     # Algorithm specific arguments
     discount: float = 0.99
@@ -606,8 +606,9 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
     agent = Agent(split[0], split[1], args, device)
+    ratio = 1.0 if args.online_ratio is None and args.total_steps == 0 else args.online_ratio  # from scratch: online
     sample = lambda: online_minibatch(  # noqa: E731  (offline only: minibatch, the published runs' draws, bit for bit)
-        table, split, args.batch_size, online["filled"], online["offline_rows"], args.online_ratio
+        table, split, args.batch_size, online["filled"], online["offline_rows"], ratio
     ) if args.online_steps else minibatch(table, split, args.batch_size)
     train_step = cuda_graph(lambda: agent.update(*sample()), args, device)
     loop = restore(ckpt, agent) if ckpt else {"step": 0, "scores": [], "elapsed": 0.0, "carry": {}}

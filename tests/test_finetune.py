@@ -71,7 +71,7 @@ def test_symmetric_sampling_takes_its_share_from_the_online_rows(script):
     offline, filled = 1000, torch.tensor(1100)
     table = torch.arange(2000, dtype=torch.float32)[:, None].repeat(1, 5)  # every column is the row's index
     draws = {ratio: torch.cat([module.online_minibatch(table, [1, 1, 1, 1, 1], 256, filled, offline, ratio)[0]
-                               for _ in range(400)])[:, 0] for ratio in (None, 0.5, 0.25)}
+                               for _ in range(400)])[:, 0] for ratio in (None, 0.5, 0.25, 1.0)}
     for ratio, rows in draws.items():
         assert rows.max() < 1100 and rows.min() >= 0  # only filled rows
         share = float((rows >= offline).float().mean())
