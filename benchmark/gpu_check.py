@@ -20,6 +20,11 @@ files in all since the device tool brings back at most eight; runs and sweeps st
              sends it to itself at its step-200 evaluation) and resumed: the step is captured again after the resume,
              and the losses logged after it must agree with the straight run's to 1e-4 relative, the same-math bound
              (resume.json); on CPU they agree bit for bit (tests/test_smoke.py).
+  online     fine-tuning: iql.py and cql_continuous.py --calql for 200 offline updates, then 300 environment steps with
+             half of each batch from the online rows, captured and eager: the captured step reads a table that grows
+             outside the graph (a device count of its rows), so the losses logged must agree to 1e-4 relative up to
+             the switch and over the first online steps (after them the simulator can amplify rounding differences);
+             online.json.
   smoke      the smoke tests' training runs, checkpoint evaluations and exported policies (traced on the GPU, loaded
              on the CPU), and fqe.py's tests, on the GPU.
 --budget stops starting parts once that many seconds have passed (the device tool gives each call 10 minutes).
@@ -39,7 +44,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT))
-PARTS = ("same-math", "resume", "e2e", "packed", "speed", "curves", "smoke")
+PARTS = ("same-math", "resume", "online", "e2e", "packed", "speed", "curves", "smoke")
 DATASET = "local/hopper/medium-replay-v0"
 
 
@@ -266,10 +271,46 @@ def curves(args: Args) -> dict:
     return results
 
 
+def online(args: Args) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    jobs, results, offline, steps = [], {}, 200, 300
+    for script, extra in (("iql", []), ("cql_continuous", ["--calql", "--hidden-dims", "256", "256"])):
+        for graphed in (True, False):
+            work = args.work / "online_runs" / f"{script}_{'graph' if graphed else 'eager'}"
+            work.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, str(ROOT / f"{script}.py"), "--dataset-id", DATASET, "--seed", "1", "--total-steps",
+                   str(offline), "--online-steps", str(steps), "--online-ratio", "0.5", "--log-every", "25",
+                   "--eval-every", str(offline + steps), "--eval-episodes", "2", "--no-download", *extra]
+            log = open(work / "log.txt", "w")
+            jobs.append((script, graphed, work, log, subprocess.Popen(
+                cmd + ([] if graphed else ["--no-cudagraphs"]), cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"})))
+    for script, graphed, work, log, proc in jobs:
+        rc = proc.wait(timeout=400)
+        log.close()
+        acc = EventAccumulator(str(next((work / "runs").iterdir())), size_guidance={"scalars": 0})
+        acc.Reload()
+        results.setdefault(script, {})["graph" if graphed else "eager"] = {"rc": rc, **{
+            tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag.startswith("losses/")}}
+    for script, modes in results.items():
+        near = {tag: max((abs(g[1] - e[1]) / max(abs(e[1]), 1e-6) for g, e in zip(modes["graph"][tag], values)
+                          if e[0] <= offline + 50), default=float("nan"))
+                for tag, values in modes["eager"].items() if tag != "rc"}
+        modes["gaps_to_the_first_online_steps"] = near
+        print(f"online {script}: exit codes {modes['graph']['rc']} (graph) {modes['eager']['rc']} (eager); largest "
+              "relative gap per loss up to 50 steps past the switch: "
+              + ", ".join(f"{t.split('/')[1]} {v:.1e}" for t, v in near.items()), flush=True)
+    (args.out / "online.json").write_text(json.dumps(results, indent=1))
+    return {s: {"gaps": m["gaps_to_the_first_online_steps"], "rc": [m["graph"]["rc"], m["eager"]["rc"]]}
+            for s, m in results.items()}
+
+
 def smoke(args: Args) -> dict:
     rc, tail, seconds = run([sys.executable, "-m", "pytest", "-q", "-n", "10", "-p", "no:cacheprovider",
-                             "tests/test_smoke.py", "tests/test_fqe.py", "-k",
-                             "train_log or bounded or exported or fqe"],
+                             "tests/test_smoke.py", "tests/test_fqe.py", "tests/test_finetune.py", "-k",
+                             "train_log or bounded or exported or fqe or online or calql"],
                             args.work / "smoke.txt", 300)
     print(f"smoke on {args.device}: rc {rc} in {seconds:.0f} s\n{tail[-600:]}", flush=True)
     return {"rc": rc, "seconds": seconds, "tail": tail[-1500:]}
@@ -286,8 +327,8 @@ def main(args: Args):
             print(f"{part}: not started, past the {args.budget:.0f} s budget", flush=True)
             continue
         part_start = time.perf_counter()
-        fn = {"same-math": same_math, "resume": resume, "e2e": e2e, "speed": speed_part, "packed": packed,
-              "curves": curves, "smoke": smoke}[part]
+        fn = {"same-math": same_math, "resume": resume, "online": online, "e2e": e2e, "speed": speed_part,
+              "packed": packed, "curves": curves, "smoke": smoke}[part]
         try:
             done[part] = fn(args)
         except Exception as e:  # one part's failure must not cost the others their device time
