@@ -571,13 +571,13 @@ def stop_on_signals(stop: dict) -> dict:
 
 
 def online_minibatch(table, split: list, batch_size: int, filled: torch.Tensor, offline: int, online_ratio):
-    """minibatch from a table that grows online: uniform over its filled rows or, with online_ratio, that share of the
-    batch from the online rows once there are any; filled, the row count, stays on the device (a captured graph)."""
-    u, lo, hi = torch.rand(batch_size, device=table.device), torch.zeros_like(filled), filled
-    if online_ratio is not None:
-        tail = (torch.arange(batch_size, device=table.device) >= batch_size * (1 - online_ratio)) & (filled > offline)
-        lo, hi = torch.where(tail, offline, 0), torch.where(tail, filled, offline)
-    obs, actions, rewards, next_obs, terminals, *more = table[(lo + u * (hi - lo)).long()].split(split, dim=1)
+    """minibatch from a table that grows online: uniform over its filled rows (a count on the device) or, with
+    online_ratio, that share of the batch from the online rows once there are any. Integer draws: float32 rounds up."""
+    share = round(batch_size * (online_ratio or 0))  # the batch's last rows: online ones, once there are any
+    tail = (torch.arange(batch_size, device=table.device) >= batch_size - share) & (filled > offline)
+    lo, hi = torch.where(tail, offline, 0), torch.where(tail, filled, filled if online_ratio is None else offline)
+    idx = lo + torch.randint(2**62, (batch_size,), device=table.device) % (hi - lo)
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)
     return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
