@@ -331,10 +331,14 @@ def load_policy(path: str, device: torch.device) -> nn.Module:
     is wrong. Checked before the dataset is loaded, so that a wrong path costs no wait."""
     logging.getLogger("torch.export").setLevel(logging.ERROR)  # a file it cannot read: a warning with a traceback
     try:
-        return move_to_device_pass(torch.export.load(path), device).module()
+        program = move_to_device_pass(torch.export.load(path), device)
     except Exception as e:  # no such file, or not a torch.export program
         fail(f"could not load the policy '{path}' ({type(e).__name__}): pass the <script>_policy.pt2 that a training "
              "script wrote beside its checkpoint")
+    if len(program.graph_signature.user_inputs) != 1:  # Q(s', pi(s')) needs pi of the observation alone
+        fail(f"the policy '{path}' takes {len(program.graph_signature.user_inputs)} inputs, a context of past steps "
+             "(dt.py's Decision Transformer is not Markov): FQE evaluates policies of the current observation alone")
+    return program.module()
 
 
 def policy_on(policy: nn.Module, path: str, task: dict):

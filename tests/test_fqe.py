@@ -188,6 +188,9 @@ def test_fqe_script_mistakes_are_one_line(minari_root, tmp_path_factory, tmp_pat
     assert_clear_error(run_script("fqe.py", "--policy", str(tmp_path / "x.pt2"), "--dataset-id", "test/x/missing-v0",
                                   "--no-download", cwd=tmp_path), "x.pt2", "_policy.pt2")
     assert_clear_error(run_script("fqe.py", "--policy", "x.pt2", "--num-bootstrap", "1", cwd=tmp_path), "two fits")
+    _, dt_run = train("dt.py", HOPPER_ID, tmp_path_factory)
+    assert_clear_error(run_script("fqe.py", "--policy", str(dt_run / "dt_policy.pt2"), "--dataset-id", HOPPER_ID,
+                                  cwd=tmp_path), "takes 5 inputs", "not Markov")
     assert not (tmp_path / "runs").exists()
 
 

@@ -17,15 +17,16 @@ import torch
 from conftest import CARTPOLE_ID, HOPPER_ID, PENDULUM_ID, ROOT, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ALL_SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py"]
+ALL_SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py", "dt.py"]
 SCRIPTS = [s for s in ALL_SCRIPTS if (ROOT / s).exists()]
 # Arguments a script needs on top of the shared smoke settings to stay within a minute or two.
-EXTRA_ARGS = {"mopo.py": ["--dynamics-max-epochs", "3"], "cql_continuous.py": ["--hidden-dims", "64", "64"]}
+EXTRA_ARGS = {"mopo.py": ["--dynamics-max-epochs", "3"], "cql_continuous.py": ["--hidden-dims", "64", "64"],
+              "dt.py": ["--seq-len", "5", "--embedding-dim", "32", "--num-layers", "1", "--hidden-dims", "64"]}
 # On Hopper, an inner loop every 100 steps, so that a run resumed at step 100 or 150 crosses a refit or a rollout.
 INNER_LOOPS = {"awr.py": ["--policy-steps", "100"], "mopo.py": ["--rollout-freq", "100", "--rollout-batch-size", "5000"]}
 # One invalid algorithm argument per script: it must be refused before any data is loaded.
 BAD_ARGS = {"iql.py": ["--expectile", "1.5"], "cql_continuous.py": ["--cql-alpha", "-1"], "bcq.py": ["--phi", "2"],
-            "awr.py": ["--td-lambda", "1.5"], "mopo.py": ["--num-elites", "9"]}
+            "awr.py": ["--td-lambda", "1.5"], "mopo.py": ["--num-elites", "9"], "dt.py": ["--seq-len", "0"]}
 SMOKE = ["--seed", "3", "--total-steps", "300", "--eval-every", "150", "--eval-episodes", "2", "--batch-size", "32",
          "--log-every", "50"]
 
@@ -127,11 +128,11 @@ import torch
 policy = torch.export.load(sys.argv[1]).module()
 torch.manual_seed(0)
 np.save(sys.argv[3], policy(torch.as_tensor(np.load(sys.argv[2]))).detach().numpy())
-assert {"iql", "cql_continuous", "bcq", "awr", "mopo", "conftest"}.isdisjoint(sys.modules), "imported a script"
+assert {"iql", "cql_continuous", "bcq", "awr", "mopo", "dt", "conftest"}.isdisjoint(sys.modules), "imported a script"
 """
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "dt.py"])  # dt.py's takes a context: tests/test_dt.py
 def test_exported_policy_runs_without_the_script(script, minari_root, tmp_path_factory, tmp_path):
     """The policy exported beside the checkpoint, loaded in a process that imports torch and numpy only, maps raw
     observations to environment actions as the agent's act does (Pendulum: standardized inputs, actions in [-2, 2]);
