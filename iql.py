@@ -281,8 +281,7 @@ class Agent(nn.Module):
         """Evaluation acts with the mean action, dropout off (update turns it back on)."""
         return self.actor.eval()(obs)
 
-    def explore(self, obs: torch.Tensor) -> torch.Tensor:
-        """Fine-tuning collects with a draw from pi's own Gaussian, inside the bounds, as the official code does."""
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:  # fine-tuning draws from pi's Gaussian, as the official code
         mean = self.act(obs)
         return (mean + torch.randn_like(mean) * self.actor.log_std.clamp(-5.0, 2.0).exp()).clamp(-1 + 1e-5, 1 - 1e-5)
 
