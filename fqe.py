@@ -130,9 +130,8 @@ class StackedQ(nn.Module):
 
 # ---- The algorithm: the Bellman target of pi, the bootstrap, then the fit and its estimate ---------------------------
 def fqe_target(rewards, terminals, next_q: torch.Tensor, discount: float, low: float, high: float) -> torch.Tensor:
-    """r + gamma * (1 - done) * Q'(s', pi(s')), with pi's action at s', never the dataset's: the backup of pi's value,
-    not the behaviour policy's. A termination stops bootstrapping; a time-limit truncation does not. Clipped to [low,
-    high], the range of every policy's value, which keeps early, extrapolated targets in bounds (as DOPE)."""
+    """r + gamma * (1 - done) * Q'(s', pi(s')), pi's action at s' (the data's would back up the behaviour's value);
+    only a termination stops bootstrapping; clipped to [low, high], every policy's value range, as DOPE."""
     return (rewards + discount * (1.0 - terminals) * next_q).clamp(low, high)
 
 
@@ -154,8 +153,7 @@ class Agent(nn.Module):
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.to(device)
-        # fused: one kernel per optimizer; capturable: cuda_graph can capture it. AdamW decays by lr * weight_decay per
-        # step; DOPE's optimizer by weight_decay alone, hence the division.
+        # PyTorch's AdamW decays by lr * weight_decay per step, DOPE's by weight_decay alone: hence the division.
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr, fused=True,
                                             weight_decay=args.weight_decay / args.critic_lr,
                                             capturable=device.type == "cuda" and args.cudagraphs)
@@ -177,12 +175,9 @@ class Agent(nn.Module):
         self.critic_opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.targets, self.online, self.args.tau)
-        return {
-            "losses/td_loss": td_loss[0].detach(),
-            "losses/td_loss_bootstrap": td_loss[1:].detach().mean() if len(td_loss) > 1 else torch.zeros(()),
-            "values/q_data": q[0].detach().mean(),
-            "values/q_target": q_target[0].mean(),
-        }
+        return {"losses/td_loss": td_loss[0].detach(), "values/q_data": q[0].detach().mean(),
+                "losses/td_loss_bootstrap": td_loss[1:].detach().mean() if len(td_loss) > 1 else torch.zeros(()),
+                "values/q_target": q_target[0].mean()}
 
     @torch.no_grad()
     def estimate(self, start_obs: torch.Tensor, start_actions: torch.Tensor, start_weights: torch.Tensor):
@@ -326,9 +321,10 @@ def cuda_graph(step, args: Args, device: torch.device, warmup: int = 3):
     return run
 
 
-def load_policy(path: str, device: torch.device) -> nn.Module:
-    """An exported policy, the program itself: raw observations in, environment actions out; or one line saying what
-    is wrong. Checked before the dataset is loaded, so that a wrong path costs no wait."""
+def load_policy(path: str, device: torch.device, load) -> tuple:
+    """The exported program (raw observations in, environment actions out), checked before load() reads the dataset
+    and then against it; returns data, task and the policy as the scripts' act (standardized observations to [-1, 1]
+    actions), or one line saying what is wrong."""
     logging.getLogger("torch.export").setLevel(logging.ERROR)  # a file it cannot read: a warning with a traceback
     try:
         program = move_to_device_pass(torch.export.load(path), device)
@@ -336,14 +332,8 @@ def load_policy(path: str, device: torch.device) -> nn.Module:
         fail(f"could not load the policy '{path}' ({type(e).__name__}): pass the <script>_policy.pt2 that a training "
              "script wrote beside its checkpoint")
     if len(program.graph_signature.user_inputs) != 1:  # Q(s', pi(s')) needs pi of the observation alone
-        fail(f"the policy '{path}' takes {len(program.graph_signature.user_inputs)} inputs, a context of past steps "
-             "(dt.py's Decision Transformer is not Markov): FQE evaluates policies of the current observation alone")
-    return program.module()
-
-
-def policy_on(policy: nn.Module, path: str, task: dict):
-    """The policy as a function of standardized observations to actions in [-1, 1], like the scripts' act; or one line
-    saying how it does not fit the dataset."""
+        fail(f"'{path}' takes a context of past steps (dt.py's, not Markov): FQE needs pi of the observation alone")
+    (data, task), policy = load(), program.module()
     mean, std, low, high = (task[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))
     try:
         with torch.no_grad():
@@ -353,7 +343,7 @@ def policy_on(policy: nn.Module, path: str, task: dict):
     if gave != f"actions of shape {(2, len(low))} for 2 observations":
         fail(f"the policy '{path}' does not fit the dataset: it must take observations of size {len(mean)} and return "
              f"actions of size {len(low)}, and it gave {gave}; evaluate it on data of the task it was trained for")
-    return lambda obs: 2.0 * (policy(obs * std + mean) - low) / (high - low) - 1.0
+    return data, task, lambda obs: 2.0 * (policy(obs * std + mean) - low) / (high - low) - 1.0
 
 
 # ---- Main ------------------------------------------------------------------------------------------------------------
@@ -365,8 +355,7 @@ if __name__ == "__main__":
         f"--discount must lie in [0, 1), got {args.discount}": 0.0 <= args.discount < 1.0,
         f"--tau must lie in (0, 1], got {args.tau}": 0.0 < args.tau <= 1.0,
         f"--critic-lr must be > 0, got {args.critic_lr}": args.critic_lr > 0,
-        f"--num-bootstrap must be 0 or >= 2 (a spread needs two fits), got {args.num_bootstrap}":
-            args.num_bootstrap == 0 or args.num_bootstrap >= 2,
+        "--num-bootstrap must be 0 or >= 2 (two fits at least)": args.num_bootstrap >= 0 and args.num_bootstrap != 1,
     })
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -374,9 +363,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    policy = load_policy(args.policy, device)
-    data, task = load_data(args, device)
-    act = policy_on(policy, args.policy, task)
+    data, task, act = load_policy(args.policy, device, lambda: load_data(args, device))
     # As DOPE: rewards / their std, minus their mean only when no episode terminates (a shift would change what ending
     # an episode is worth). Targets are clipped to the range of every policy's value: [min r, max r] / (1 - gamma),
     # widened to 0 where episodes terminate (every reward after the end is 0; DOPE's clip lifts a policy that falls
@@ -416,7 +403,7 @@ if __name__ == "__main__":
 
     train_step = cuda_graph(lambda: agent.update(*sample(), *(float(b) / (1 - args.discount) for b in bounds)),
                             args, device)
-    scores, estimated_at, interval_steps, last = [], [], 0, args.total_steps
+    scores, interval_steps, last = {}, 0, args.total_steps  # scores: step -> (J, interval)
     train_start = interval_start = time.perf_counter()
     for step in range(1, last + 1):
         info = train_step()
@@ -429,38 +416,31 @@ if __name__ == "__main__":
             for k, v in logged.items():
                 writer.add_scalar(k, v, step)
             interval_start, interval_steps = time.perf_counter(), 0
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if step % args.eval_every == 0 or step in (3 * last // 4, last):  # 3/4: the convergence check's
             # Every fit's J(pi) in raw reward units; the bootstrap fits' spread is the estimate's standard error.
             values = agent.estimate(start_obs, start_actions, weights).cpu() * reward_std + shift / (1 - args.discount)
             spread = float(values[1:].std()) if len(values) > 2 else float("nan")
-            scores.append((float(values[0]), float(values[0]) - 1.96 * spread, float(values[0]) + 1.96 * spread))
-            estimated_at.append(step)
+            scores[step] = (float(values[0]), float(values[0]) - 1.96 * spread, float(values[0]) + 1.96 * spread)
             for tag, v in zip(("estimate/value", "estimate/ci_low", "estimate/ci_high", "estimate/bootstrap_std"),
-                              (*scores[-1], spread)):
+                              (*scores[step], spread)):
                 writer.add_scalar(tag, v, step)
             elapsed = time.perf_counter() - train_start
             left = elapsed / step * (args.total_steps - step)
-            print(f"step {step}/{args.total_steps} | J(pi) {scores[-1][0]:9.2f} [{scores[-1][1]:.2f}, "
-                  f"{scores[-1][2]:.2f}] | {step / elapsed:.0f} updates/s | {left / 60:.1f} min left", flush=True)
+            print(f"step {step}/{args.total_steps} | J(pi) {scores[step][0]:9.2f} [{scores[step][1]:.2f}, "
+                  f"{scores[step][2]:.2f}] | {step / elapsed:.0f} updates/s | {left / 60:.1f} min left", flush=True)
 
-    # Has the fit settled? The target network follows Q with a time constant of 1 / tau steps, and a value is built
-    # from about 1 / (1 - gamma) backups: a shorter fit cannot have settled, whatever its curve shows (its estimate can
-    # sit still near where it started). After that, the estimate's move over the last quarter of the fit is set
-    # against the interval's half-width (the data's own spread) or 2% of the estimate, whichever is larger.
-    value, low, high = scores[-1]
-    since, before = next(((s, v) for s, (v, _, _) in zip(estimated_at[::-1], scores[::-1])
-                          if s <= 0.75 * args.total_steps), (None, np.nan))
-    moved, tolerance = abs(value - before), max((high - low) / 2 if args.num_bootstrap > 1 else 0, 0.02 * abs(value))
-    horizon, longer = round(1 / ((1 - args.discount) * args.tau)), "): fit longer with --total-steps"
-    settled = (f"NOT CONVERGED ({args.total_steps} steps, fewer than 1 / ((1 - gamma) tau) = {horizon}{longer}"
-               if args.total_steps < horizon else "convergence unknown (one estimate only): set --eval-every below "
-               "3/4 of --total-steps" if since is None else f"NOT CONVERGED (moved {moved:.2f} since step {since}, "
-               f"more than {tolerance:.2f}{longer}" if moved > tolerance else f"converged (moved {moved:.2f} since "
-               f"step {since})")
+    # Settled? Not a fit shorter than 1 / ((1 - gamma) tau) steps, the target network's time constant times the value's
+    # horizon; a longer one if its last quarter moved the estimate by at most the interval's half-width or 2% of it.
+    (value, low, high), since, horizon = scores[last], 3 * last // 4, round(1 / ((1 - args.discount) * args.tau))
+    moved = abs(value - scores.get(since, (np.nan,))[0])
+    tolerance = max((high - low) / 2 if args.num_bootstrap > 1 else 0, 0.02 * abs(value))
+    unsettled = (f"{last} steps, fewer than 1 / ((1 - gamma) tau) = {horizon}" if last < horizon else
+                 f"moved {moved:.2f} since step {since}, more than {tolerance:.2f}" if not moved <= tolerance else None)
     print(f"FQE estimate of J(pi), the discounted return at gamma {args.discount} from the dataset's {len(starts)} "
           f"episode starts: {value:.2f}, " + (f"95% interval [{low:.2f}, {high:.2f}] ({args.num_bootstrap} bootstrap "
           "fits; it covers the data's resampling, not FQE's own bias)" if args.num_bootstrap > 1 else "no interval "
-          "(--num-bootstrap < 2)") + f"; {settled}")
+          "(--num-bootstrap < 2)") + (f"; NOT CONVERGED ({unsettled}): fit longer with --total-steps" if unsettled
+                                      else f"; converged (moved {moved:.2f} since step {since})"))
     env_id = task["env_spec"] and gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
     if args.eval_episodes and env_id:  # the ground truth where a simulator exists: pi's own episodes
         returns = evaluate(act, make_eval_envs(task, args.eval_episodes, None), task, args.seed, args.discount)
