@@ -117,7 +117,7 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
-    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: Cal-QL's returns-to-go
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: extra columns (--calql)
     return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
@@ -350,7 +350,7 @@ def normalized_score(returns: np.ndarray, task: dict) -> float | None:
     return float(100.0 * (np.mean(returns) - task["ref_min_score"]) / (task["ref_max_score"] - task["ref_min_score"]))
 
 
-# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in all five scripts -
+# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in every script ---
 def fail(message: str):
     """A user's mistake: one line on stderr, no traceback, exit code 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)

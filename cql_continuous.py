@@ -145,7 +145,7 @@ def returns_to_go(rewards: np.ndarray, lengths, discount: float) -> np.ndarray:
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
-    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: Cal-QL's returns-to-go
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: extra columns (--calql)
     return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
@@ -412,7 +412,7 @@ def normalized_score(returns: np.ndarray, task: dict) -> float | None:
     return float(100.0 * (np.mean(returns) - task["ref_min_score"]) / (task["ref_max_score"] - task["ref_min_score"]))
 
 
-# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in all five scripts -
+# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in every script ---
 def fail(message: str):
     """A user's mistake: one line on stderr, no traceback, exit code 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -661,8 +661,8 @@ if __name__ == "__main__":
         "--cql-n-actions must be >= 1 and --cql-temp > 0": args.cql_n_actions >= 1 and args.cql_temp > 0,
         "--lagrange-gap (0: off) and --bc-steps must be >= 0": min(args.lagrange_gap, args.bc_steps) >= 0,
         f"--total-steps must be >= 1, got {args.total_steps}": args.total_steps > 0 or args.online_steps > 0,
-        "--online-steps must be >= 0 and --utd >= 1": args.online_steps >= 0 and args.utd >= 1,
-        f"--online-ratio must lie in [0, 1], got {args.online_ratio}": 0 <= (args.online_ratio or 0) <= 1,
+        "--online-steps and --total-steps must be >= 0": min(args.online_steps, args.total_steps) >= 0,
+        "--online-ratio must lie in [0, 1] and --utd be >= 1": 0 <= (args.online_ratio or 0) <= 1 and args.utd >= 1,
     })
     args, ckpt = load_checkpoint(args) if args.checkpoint or args.resume else (args, {})
     keep_freed_memory()

@@ -506,13 +506,13 @@ if __name__ == "__main__":
     stop = stop_on_signals({})
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     validate(args, {
-        f"--seq-len must be >= 1, got {args.seq_len}": args.seq_len >= 1,
+        "--seq-len, --num-layers, --max-timestep need >= 1": min(args.seq_len, args.num_layers, args.max_timestep) > 0,
         f"--embedding-dim must be a positive multiple of --num-heads, got {args.embedding_dim} and {args.num_heads}":
             args.num_heads >= 1 and args.embedding_dim >= 1 and args.embedding_dim % args.num_heads == 0,
-        f"--dropout must lie in [0, 1), got {args.dropout}": 0.0 <= args.dropout < 1.0,
-        f"--clip-grad must be > 0, got {args.clip_grad}": args.clip_grad > 0,
+        "--dropout must lie in [0, 1) and --clip-grad be > 0": 0.0 <= args.dropout < 1.0 and args.clip_grad > 0,
+        "--learning-rate must be > 0, --weight-decay and --warmup-steps >= 0": args.learning_rate > 0 and min(
+            args.weight_decay, args.warmup_steps) >= 0,
         f"--reward-scale must be >= 0 (0: no return conditioning), got {args.reward_scale}": args.reward_scale >= 0,
-        f"--max-timestep must be >= 1, got {args.max_timestep}": args.max_timestep >= 1,
         "--target-returns needs at least one return": args.target_returns is None or len(args.target_returns) > 0,
     })
     args, ckpt = load_checkpoint(args) if args.checkpoint or args.resume else (args, {})

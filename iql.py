@@ -80,7 +80,7 @@ class Args:
     tau: float = 0.005
     """target-network smoothing coefficient"""
     actor_lr: float = 3e-4
-    """actor learning rate (decayed to 0 by a cosine schedule over total_steps)"""
+    """actor learning rate (a cosine to 0 over total_steps; constant with --online-steps, as official fine-tuning)"""
     critic_lr: float = 3e-4
     """learning rate of the twin Q networks"""
     value_lr: float = 3e-4
@@ -123,7 +123,7 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
 def minibatch(table: torch.Tensor, split: list, batch_size: int) -> tuple:
     """Transitions drawn uniformly with replacement on the device; rewards and terminals come out as (batch,)."""
     idx = torch.randint(len(table), (batch_size,), device=table.device)
-    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: Cal-QL's returns-to-go
+    obs, actions, rewards, next_obs, terminals, *more = table[idx].split(split, dim=1)  # more: extra columns (--calql)
     return obs, actions, rewards.squeeze(1), next_obs, terminals.squeeze(1), *(c.squeeze(1) for c in more)
 
 
@@ -334,7 +334,7 @@ def normalized_score(returns: np.ndarray, task: dict) -> float | None:
     return float(100.0 * (np.mean(returns) - task["ref_min_score"]) / (task["ref_max_score"] - task["ref_min_score"]))
 
 
-# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in all five scripts -
+# ---- Harness: loading, user errors, checkpoints, CUDA graphs; not the algorithm, the same text in every script ---
 def fail(message: str):
     """A user's mistake: one line on stderr, no traceback, exit code 2."""
     print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
@@ -571,8 +571,8 @@ if __name__ == "__main__":
         f"--temperature must be >= 0, got {args.temperature}": args.temperature >= 0,
         f"--dropout must lie in [0, 1), got {args.dropout}": 0.0 <= args.dropout < 1.0,
         f"--total-steps must be >= 1, got {args.total_steps}": args.total_steps > 0 or args.online_steps > 0,
-        "--online-steps must be >= 0 and --utd >= 1": args.online_steps >= 0 and args.utd >= 1,
-        f"--online-ratio must lie in [0, 1], got {args.online_ratio}": 0 <= (args.online_ratio or 0) <= 1,
+        "--online-steps and --total-steps must be >= 0": min(args.online_steps, args.total_steps) >= 0,
+        "--online-ratio must lie in [0, 1] and --utd be >= 1": 0 <= (args.online_ratio or 0) <= 1 and args.utd >= 1,
     })
     args, ckpt = load_checkpoint(args) if args.checkpoint or args.resume else (args, {})
     random.seed(args.seed)

@@ -91,7 +91,7 @@ def test_an_online_phase_stopped_by_sigterm_resumes_with_its_rows(script, minari
     progress at the stop starts over, so the run goes on with new episodes."""
     argv = ["--dataset-id", HOPPER_ID, "--total-steps", "100", "--online-steps", "200", "--eval-every", "100",
             "--eval-episodes", "1", "--batch-size", "32", "--log-every", "50", "--save-every", "0",
-            *EXTRA_ARGS.get(script, [])]
+            *EXTRA_ARGS.get(script, []), *(["--calql"] if script == "cql_continuous.py" else [])]
     code = SIGTERM_AT_EVALUATION
     stopped = subprocess.run([sys.executable, "-c", code, "200", str(ROOT / script), *argv], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
@@ -105,6 +105,16 @@ def test_an_online_phase_stopped_by_sigterm_resumes_with_its_rows(script, minari
     final = torch.load(run_dir / f"{script[:-3]}.pt", weights_only=True)["loop"]["carry"]
     assert final["online"].shape[0] == 200 and torch.equal(final["online"][:100], first["online"])
     assert final["episodes"] > first["episodes"] and scalars(run_dir)["charts/env_steps"][-1] <= 200
+    if script == "cql_continuous.py":  # Cal-QL: the episode cut by the stop keeps G = -inf (no floor); the episodes
+        import cql_continuous  # that ended after the resume, which restarted it, got their own returns-to-go
+
+        rows = final["online"]
+        ends = [i for i in rows[:, -2].nonzero().flatten().tolist()]
+        cut = max([i for i in ends if i < 100], default=-1) + 1  # the first row of the interrupted episode
+        assert torch.isinf(rows[cut:100, -1]).all() and cut < 100
+        for start, end in zip([100] + [i + 1 for i in ends if i >= 100], [i for i in ends if i >= 100]):
+            expected = cql_continuous.returns_to_go(rows[start:end + 1, 14].numpy(), [end + 1 - start], 0.99)
+            np.testing.assert_allclose(rows[start:end + 1, -1].numpy(), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("script", FINETUNING)
@@ -137,6 +147,18 @@ def test_online_from_scratch_on_a_task_that_never_terminates(script, minari_root
     assert logged["charts/env_steps"] == [200.0]
     if script == "iql.py":
         assert logged["charts/actor_lr"] == pytest.approx([3e-4] * 10)
+
+
+@pytest.mark.parametrize("script", FINETUNING)
+def test_fine_tuning_mistakes_are_one_line(script, minari_root, tmp_path):
+    from test_smoke import assert_clear_error
+
+    for argv, message in ((["--total-steps", "-5", "--online-steps", "3"], "must be >= 0"),
+                          (["--total-steps", "0"], "--total-steps must be >= 1"),
+                          (["--online-steps", "10", "--utd", "0"], "--utd be >= 1"),
+                          (["--online-steps", "10", "--online-ratio", "1.5"], "--online-ratio must lie in [0, 1]")):
+        assert_clear_error(run_script(script, "--dataset-id", HOPPER_ID, *argv, cwd=tmp_path), message)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_returns_to_go_are_computed_backwards_inside_each_episode():
