@@ -26,7 +26,7 @@ files in all since the device tool brings back at most eight; runs and sweeps st
              the switch and over the first online steps (after them the simulator can amplify rounding differences);
              online.json.
   smoke      the smoke tests' training runs, checkpoint evaluations and exported policies (traced on the GPU, loaded
-             on the CPU), and fqe.py's tests, on the GPU.
+             on the CPU), fqe.py's, the fine-tuning and dt.py's end-to-end tests, on the GPU.
 --budget stops starting parts once that many seconds have passed (the device tool gives each call 10 minutes).
 """
 
@@ -309,8 +309,8 @@ def online(args: Args) -> dict:
 
 def smoke(args: Args) -> dict:
     rc, tail, seconds = run([sys.executable, "-m", "pytest", "-q", "-n", "10", "-p", "no:cacheprovider",
-                             "tests/test_smoke.py", "tests/test_fqe.py", "tests/test_finetune.py", "-k",
-                             "train_log or bounded or exported or fqe or online or calql"],
+                             "tests/test_smoke.py", "tests/test_fqe.py", "tests/test_finetune.py", "tests/test_dt.py",
+                             "-k", "train_log or bounded or exported or fqe or online or calql or hopper or pendulum"],
                             args.work / "smoke.txt", 300)
     print(f"smoke on {args.device}: rc {rc} in {seconds:.0f} s\n{tail[-600:]}", flush=True)
     return {"rc": rc, "seconds": seconds, "tail": tail[-1500:]}

@@ -112,7 +112,7 @@ def test_fqe_script_estimates_an_exported_policy_with_an_interval(minari_root, t
                         "--total-steps", "300", "--eval-every", "150", "--batch-size", "32", "--log-every", "50",
                         "--num-bootstrap", "3", "--hidden-dims", "64", "64", "--eval-episodes", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "runs on cpu" in result.stdout.splitlines()[0] and "threads: 1" in result.stdout.splitlines()[0]
+    assert re.search(r"; runs on (cpu \(no GPU found\), threads: 1|cuda)", result.stdout.splitlines()[0]), result.stdout
     value, low, high, fits, settled = re.search(FINAL, result.stdout).groups()
     value, low, high = float(value), float(low), float(high)
     assert math.isfinite(value) and low < value < high and fits == "3"
