@@ -535,7 +535,7 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
              "`python benchmark/make_datasets.py` builds local/hopper/*, its `--datasets medium-replay` in seconds")
     obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
     if not isinstance(space, gym.spaces.Box):
-        fail(f"{Args.exp_name}.py needs continuous (Box) actions; '{dataset_id}' has {space}: pick another dataset")
+        fail(f"{Args.exp_name}.py needs Box actions, '{dataset_id}' has {space}: try bcq_discrete.py, cql_discrete.py")
     if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         fail(f"the action space is unbounded; {Args.exp_name}.py rescales actions to [-1, 1] and needs finite bounds")
     if not all(isinstance(s, gym.spaces.Box) and len(s.shape) == 1 for s in

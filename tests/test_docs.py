@@ -6,7 +6,8 @@ import re
 import pytest
 from conftest import ROOT
 
-SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py", "fqe.py", "dt.py"]
+SCRIPTS = ["iql.py", "cql_continuous.py", "bcq.py", "awr.py", "mopo.py", "fqe.py", "dt.py", "bcq_discrete.py",
+           "cql_discrete.py"]
 TAG = re.compile(r'"((?:losses|values|model|charts|eval|dynamics|estimate)/[a-z_]+)')
 LINE_LINK = re.compile(r"\[`([^`]+)`\]\(\.\./([a-z_]+\.py)#L(\d+)\)")
 PAGES = [ROOT / "README.md", ROOT / "benchmark" / "README.md", *sorted((ROOT / "docs").glob("*.md")),

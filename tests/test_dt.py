@@ -303,7 +303,7 @@ def test_a_run_stopped_by_sigterm_resumes_bit_for_bit(minari_root, tmp_path_fact
 
 
 def test_user_errors_are_one_line(minari_root, tmp_path):
-    assert_clear_error(run_script("dt.py", "--dataset-id", CARTPOLE_ID, cwd=tmp_path), "dt.py needs continuous (Box)")
+    assert_clear_error(run_script("dt.py", "--dataset-id", CARTPOLE_ID, cwd=tmp_path), "dt.py needs Box actions", "bcq_discrete.py")
     assert_clear_error(run_script("dt.py", "--embedding-dim", "30", "--num-heads", "4", cwd=tmp_path),
                        "--embedding-dim must be a positive multiple of --num-heads, got 30 and 4")
     for argv in (["--num-layers", "0"], ["--learning-rate", "-1"], ["--weight-decay", "-1"], ["--warmup-steps", "-5"]):

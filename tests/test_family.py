@@ -19,6 +19,10 @@ FQE = "fqe.py"
 # dt.py learns from sequences, not transitions: its data, evaluation, export and checkpoint evaluation play the same
 # roles under the same names with other text; every other shared function is the same text as the five's.
 DT, DT_OWN = "dt.py", {"transition_table", "minibatch", "evaluate", "export_policy", "evaluate_checkpoint"}
+# bcq_discrete.py and cql_discrete.py take Discrete actions: loading, evaluation, export and checkpoint evaluation play
+# the same roles under the same names with other text; every other shared function is the same text as the five's.
+DISCRETE = ["bcq_discrete.py", "cql_discrete.py"]
+DISCRETE_OWN = {"load_minari", "load_data", "evaluate", "export_policy", "evaluate_checkpoint"}
 SHARED = ["episodes_to_transitions", "load_data", "transition_table", "minibatch",  # data
           "make_eval_envs", "evaluate", "normalized_score",  # evaluation
           "fail", "validate", "load_minari", "save_checkpoint", "export_policy", "load_checkpoint", "restore",  # harness
@@ -51,10 +55,11 @@ def main_loop_blocks(script: str) -> dict:
 
 @pytest.mark.parametrize("name", SHARED + SHARED_WHERE_PRESENT)
 def test_shared_functions_are_the_same_text_in_every_script(name):
-    copies = {script: top_level(script).get(name) for script in [*SCRIPTS, FQE] + [DT] * (name not in DT_OWN)}
+    copies = {script: top_level(script).get(name) for script in
+              [*SCRIPTS, FQE] + [DT] * (name not in DT_OWN) + DISCRETE * (name not in DISCRETE_OWN)}
     present = {script: text for script, text in copies.items() if text is not None}
     if name in SHARED:
-        missing = sorted(set(SCRIPTS + [DT] * (name not in DT_OWN)) - set(present))
+        missing = sorted(set(SCRIPTS + [DT] * (name not in DT_OWN) + DISCRETE * (name not in DISCRETE_OWN)) - set(present))
         assert not missing, f"{name} is missing from {missing}"
     assert present, name
     reference = present["iql.py"] if "iql.py" in present else next(iter(present.values()))
@@ -65,7 +70,7 @@ def test_shared_functions_are_the_same_text_in_every_script(name):
 def test_the_loops_log_and_evaluate_with_the_same_text():
     reference = main_loop_blocks("iql.py")
     assert len(reference) == 4 + 3, sorted(reference)  # four blocks in the loop, three statements after it
-    for script in SCRIPTS[1:]:
+    for script in SCRIPTS[1:] + DISCRETE:
         assert main_loop_blocks(script) == reference, script
     log_block = [k for k in reference if "args.log_every" in k]
     assert [main_loop_blocks(FQE)[k] for k in log_block] == [reference[k] for k in log_block]
@@ -82,7 +87,7 @@ def test_fqe_carries_the_data_evaluation_and_loading_it_needs():
 
 def test_each_script_reads_in_the_conventional_order():
     """Args, data, networks, the algorithm, evaluation, the harness, main: a reader meets the algorithm first."""
-    for script in [*SCRIPTS, FQE, DT]:
+    for script in [*SCRIPTS, FQE, DT, *DISCRETE]:
         headers = [line.split("----")[1].strip() for line in (ROOT / script).read_text().splitlines()
                    if line.startswith("# ---- ")]
         names = [h.split(":")[0].split(" ")[0].lower() for h in headers]

@@ -283,7 +283,8 @@ def test_ctrl_c_saves_after_the_step_and_a_second_one_exits_at_once(minari_root,
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_user_errors_are_one_line(script, minari_root, tmp_path):
-    assert_clear_error(run_script(script, "--dataset-id", CARTPOLE_ID, "--total-steps", "10", cwd=tmp_path), "Box")
+    assert_clear_error(run_script(script, "--dataset-id", CARTPOLE_ID, "--total-steps", "10", cwd=tmp_path), "Box",
+                       "bcq_discrete.py", "cql_discrete.py")
     if script == SCRIPTS[0]:  # load_minari and load_checkpoint are the same text in every script (test_family)
         assert_clear_error(run_script(script, "--dataset-id", "test/hopper/nothing-v0", "--no-download", cwd=tmp_path),
                            "test/hopper/nothing-v0", "MINARI_DATASETS_PATH", HOPPER_ID, "benchmark/make_datasets.py")
