@@ -6,10 +6,10 @@ installs what such a machine may lack and rebuilds the dataset first; then:
 
 Parts (each prints a summary; --out gets results.json, curves.png and logs.tar.gz, the parts' full output, a few
 files in all since the device tool brings back at most eight; runs and sweeps stay under --work):
-  same-math  every script's step (AWR: its policy step and its value step) run 50 times captured in a CUDA graph and
-             50 times eagerly (--no-cudagraphs), from the same seed: the same random draws on both sides (the CUDA
-             generator hands a graph replay the offsets the eager step would use), so the losses and learning rates
-             must agree to 1e-4 relative.
+  same-math  every script's step (AWR: its policy step and its value step; the discrete scripts' with four actions)
+             run 50 times captured in a CUDA graph and 50 times eagerly (--no-cudagraphs), from the same seed: the
+             same random draws on both sides (the CUDA generator hands a graph replay the offsets the eager step
+             would use), so the losses and learning rates must agree to 1e-4 relative.
   e2e        iql.py for 200,000 steps on local/hopper/medium-replay-v0 with the default evaluation schedule, timed.
   speed      benchmark/speed.py on CUDA, graphed and eager (--no-cudagraphs), and d3rlpy's steps, eager and with
              compile_graph (benchmark/peers/d3rlpy_peer.py).
@@ -82,7 +82,7 @@ def same_math(args: Args) -> dict:
     import speed
 
     device, results = torch.device(args.device), {}
-    for name in ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo", "fqe"):
+    for name in ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo", "fqe", "bcq_discrete", "cql_discrete"):
         try:
             results[name] = compare_steps(name, args, device, speed)
         except Exception as e:  # a step that cannot be captured: say which, check the others
@@ -310,7 +310,9 @@ def online(args: Args) -> dict:
 def smoke(args: Args) -> dict:
     rc, tail, seconds = run([sys.executable, "-m", "pytest", "-q", "-n", "10", "-p", "no:cacheprovider",
                              "tests/test_smoke.py", "tests/test_fqe.py", "tests/test_finetune.py", "tests/test_dt.py",
-                             "-k", "train_log or bounded or exported or fqe or online or calql or hopper or pendulum"],
+                             "tests/test_discrete.py", "-k",
+                             "train_log or bounded or exported or fqe or online or calql or hopper or pendulum "
+                             "or beats or checkpoint_and_its"],
                             args.work / "smoke.txt", 300)
     print(f"smoke on {args.device}: rc {rc} in {seconds:.0f} s\n{tail[-600:]}", flush=True)
     return {"rc": rc, "seconds": seconds, "tail": tail[-1500:]}

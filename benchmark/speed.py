@@ -166,10 +166,25 @@ def fqe_step(args: Args, device: torch.device):
     return step, fqe, config
 
 
+def discrete_step(name: str, args: Args, device: torch.device, actions: int = 4):
+    """bcq_discrete.py's or cql_discrete.py's step on a table with one action column, each action an index in
+    [0, actions) (LunarLander's four): the script's own minibatch, then one update."""
+    module = importlib.import_module(name)
+    config = module.Args(batch_size=args.batch_size, cudagraphs=args.cudagraphs)
+    agent = module.Agent(args.obs_dim, actions, config, device)
+    table, split = random_table(args, device, args.dataset_size)
+    table = torch.cat([table[:, :args.obs_dim], torch.randint(actions, (len(table), 1), device=device).float(),
+                       table[:, args.obs_dim + args.action_dim:]], 1)
+    split = [args.obs_dim, 1, *split[2:]]
+    return (lambda: agent.update(*module.minibatch(table, split, args.batch_size))), module, config
+
+
 STEPS = {"iql": lambda a, d: training_step("iql", a, d),
          "cql_continuous": lambda a, d: training_step("cql_continuous", a, d, hidden_dims=a.cql_hidden_dims),
          "bcq": lambda a, d: training_step("bcq", a, d), "awr": awr_step, "awr_value": awr_value_step,
-         "mopo": mopo_step, "mopo_rollout": mopo_rollout_step, "fqe": fqe_step}
+         "mopo": mopo_step, "mopo_rollout": mopo_rollout_step, "fqe": fqe_step,
+         "bcq_discrete": lambda a, d: discrete_step("bcq_discrete", a, d),
+         "cql_discrete": lambda a, d: discrete_step("cql_discrete", a, d)}
 
 
 def sync(device: torch.device):
