@@ -109,7 +109,7 @@ def test_an_online_phase_stopped_by_sigterm_resumes_with_its_rows(script, minari
         import cql_continuous  # that ended after the resume, which restarted it, got their own returns-to-go
 
         rows = final["online"]
-        ends = [i for i in rows[:, -2].nonzero().flatten().tolist()]
+        ends = rows[:, -2].nonzero().flatten().tolist()
         cut = max([i for i in ends if i < 100], default=-1) + 1  # the first row of the interrupted episode
         assert torch.isinf(rows[cut:100, -1]).all() and cut < 100
         for start, end in zip([100] + [i + 1 for i in ends if i >= 100], [i for i in ends if i >= 100]):
