@@ -103,24 +103,28 @@ def episodes_to_transitions(episodes, observation_space: gym.Space) -> dict:
 class StackedQ(nn.Module):
     """The Q networks of all fits with stacked weights (fit 0 on the whole dataset, the others on bootstrap resamples):
     each layer is one batched matmul over every fit. DOPE's initialization: weights uniform within 1 / sqrt(fan_in),
-    the output layer's within sqrt(0.03 / fan_in) so that Q starts near 0; zero biases."""
+    the output layer's within sqrt(0.03 / fan_in) so that Q starts near 0; zero biases. With n_actions discrete
+    actions, DQN's head: Q(s, .) for every action from the state alone, and Q(s, a) gathered from it."""
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden_dims, num_q: int):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_dims, num_q: int, n_actions: int = 0):
         super().__init__()
-        dims = [obs_dim + action_dim, *hidden_dims, 1]
+        dims = [obs_dim + action_dim * (not n_actions), *hidden_dims, n_actions or 1]
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
-            bound = (0.03 / d_in) ** 0.5 if d_out == 1 else d_in**-0.5
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            bound = (0.03 / d_in) ** 0.5 if i == len(dims) - 2 else d_in**-0.5
             self.weights.append(nn.Parameter(torch.empty(num_q, d_in, d_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.zeros(num_q, 1, d_out)))
-        self.num_q = num_q
+        self.num_q, self.n_actions = num_q, n_actions
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Returns Q values of shape (num_q, batch)."""
-        x = torch.cat([obs, actions], dim=-1).expand(self.num_q, -1, -1)
+        """Returns Q values of shape (num_q, batch); discrete actions come as their index mapped to [-1, 1]."""
+        x = (obs if self.n_actions else torch.cat([obs, actions], dim=-1)).expand(self.num_q, -1, -1)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if i < len(self.weights) - 1:
                 x = torch.relu_(torch.baddbmm(b, x, w))  # in place: baddbmm's backward needs only its inputs
+            elif self.n_actions:
+                index = ((actions + 1.0) * 0.5 * (self.n_actions - 1)).round().long().expand(self.num_q, -1, -1)
+                x = torch.baddbmm(b, x, w).gather(2, index).squeeze(2)
             else:
                 # One output unit as a product and a sum: as a matmul, its input gradient is an outer product that a
                 # CPU's batched GEMM computes several times slower than this elementwise backward.
@@ -145,11 +149,11 @@ def bootstrap_weights(lengths: torch.Tensor, num_bootstrap: int) -> torch.Tensor
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int, args: Args, device: torch.device):
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, device: torch.device, n_actions: int = 0):
         super().__init__()
         self.args = args
-        self.critic = StackedQ(obs_dim, action_dim, args.hidden_dims, 1 + args.num_bootstrap)
-        self.target_critic = StackedQ(obs_dim, action_dim, args.hidden_dims, 1 + args.num_bootstrap)
+        self.critic = StackedQ(obs_dim, action_dim, args.hidden_dims, 1 + args.num_bootstrap, n_actions)
+        self.target_critic = StackedQ(obs_dim, action_dim, args.hidden_dims, 1 + args.num_bootstrap, n_actions)
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_critic.requires_grad_(False)
         self.to(device)
@@ -259,9 +263,9 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
              f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local data; "
              "`python benchmark/make_datasets.py` builds local/hopper/*, its `--datasets medium-replay` in seconds")
     obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
-    if not isinstance(space, gym.spaces.Box):
-        fail(f"{Args.exp_name}.py needs Box actions, '{dataset_id}' has {space}: try bcq_discrete.py, cql_discrete.py")
-    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+    if not isinstance(space, (gym.spaces.Box, gym.spaces.Discrete)) or getattr(space, "n", 2) < 2:
+        fail(f"{Args.exp_name}.py needs Box actions or at least two Discrete ones, '{dataset_id}' has {space}")
+    if isinstance(space, gym.spaces.Box) and not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         fail(f"the action space is unbounded; {Args.exp_name}.py rescales actions to [-1, 1] and needs finite bounds")
     if not all(isinstance(s, gym.spaces.Box) and len(s.shape) == 1 for s in
                (obs_space.spaces.values() if isinstance(obs_space, gym.spaces.Dict) else [obs_space])):
@@ -270,18 +274,21 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
 
 
 def load_data(args: Args, device: torch.device) -> tuple[dict, dict]:
-    """The transitions (numpy), actions rescaled from the Box bounds to [-1, 1], and the task: all that evaluation needs
-    besides the policy (env spec with time limit, observation statistics, action bounds, reference scores)."""
+    """The transitions (numpy), actions rescaled from the Box bounds (or a Discrete space's first and last index) to
+    [-1, 1], and the task: all that evaluation needs besides the policy (env spec with time limit, observation
+    statistics, action bounds, reference scores, the number of discrete actions or 0)."""
     dataset = load_minari(args.dataset_id, args.download)
     data = episodes_to_transitions(dataset.iterate_episodes(), dataset.spec.observation_space)
-    low, high = dataset.spec.action_space.low.astype(np.float32), dataset.spec.action_space.high.astype(np.float32)
+    space, n = dataset.spec.action_space, int(getattr(dataset.spec.action_space, "n", 0))
+    low, high = (space.low, space.high) if not n else (np.array([space.start]), np.array([space.start + n - 1]))
+    low, high = low.astype(np.float32), high.astype(np.float32)
     data["actions"] = 2.0 * (data["actions"] - low) / (high - low) - 1.0
     mean, std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
     if not args.normalize_states:
         mean, std = np.zeros_like(mean), np.ones_like(std)
     meta, stats = dataset.storage.metadata, {"obs_mean": mean, "obs_std": std, "action_low": low, "action_high": high}
     task = {"dataset_id": args.dataset_id, "env_spec": meta.get("eval_env_spec") or meta.get("env_spec"),
-            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"),
+            "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score"), "n_actions": n,
             **{k: torch.as_tensor(v, device=device) for k, v in stats.items()}}
     on = f"cpu{' (no GPU found)' * args.cuda}, threads: {torch.get_num_threads()}" if device.type == "cpu" else device
     print(f"loaded {args.dataset_id}: {len(data['rewards'])} transitions, {dataset.total_episodes} episodes; runs on "
@@ -340,10 +347,11 @@ def load_policy(path: str, device: torch.device, load) -> tuple:
             gave = f"actions of shape {tuple(policy(mean.expand(2, -1)).shape)} for 2 observations"
     except Exception as e:  # its observation size is not the dataset's
         gave = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:150]}"
-    if gave != f"actions of shape {(2, len(low))} for 2 observations":
+    want = (2,) if task["n_actions"] else (2, len(low))  # a discrete policy returns one action index per observation
+    if gave != f"actions of shape {want} for 2 observations":
         fail(f"the policy '{path}' does not fit the dataset: it must take observations of size {len(mean)} and return "
-             f"actions of size {len(low)}, and it gave {gave}; evaluate it on data of the task it was trained for")
-    return data, task, lambda obs: 2.0 * (policy(obs * std + mean) - low) / (high - low) - 1.0
+             f"actions of shape {want} for 2, and it gave {gave}; evaluate it on data of the task it was trained for")
+    return data, task, lambda obs: 2.0 * (policy(obs * std + mean).reshape(len(obs), -1) - low) / (high - low) - 1.0
 
 
 # ---- Main ------------------------------------------------------------------------------------------------------------
@@ -369,7 +377,8 @@ if __name__ == "__main__":
     # widened to 0 where episodes terminate (every reward after the end is 0; DOPE's clip lifts a policy that falls
     # early when all rewards are positive). Estimates go back to raw units.
     shift = float(data["rewards"].mean()) if args.normalize_reward and not data["terminals"].any() else 0.0
-    reward_std = float(data["rewards"].std()) + 1e-6 if args.normalize_reward else 1.0
+    # A constant reward (CartPole's 1 per step) has no spread to divide by: it stays as it is.
+    reward_std = float(data["rewards"].std()) + 1e-6 if args.normalize_reward and data["rewards"].std() > 0 else 1.0
     rewards = (data["rewards"] - shift) / reward_std
     ends = [0.0] if data["terminals"].any() else []
     bounds = (min([rewards.min(), *ends]), max([rewards.max(), *ends])) if args.clip_targets else (-np.inf, np.inf)
@@ -394,7 +403,7 @@ if __name__ == "__main__":
     hyperparameters = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hyperparameters}")
 
-    agent = Agent(split[0], split[1], args, device)
+    agent = Agent(split[0], split[1], args, device, task["n_actions"])
 
     def sample():  # transitions with pi's action at s' and every fit's bootstrap count; rewards and dones as (batch,)
         obs, actions, rewards, next_obs, dones, next_actions, counts = table[torch.randint(
@@ -443,7 +452,10 @@ if __name__ == "__main__":
                                       else f"; converged (moved {moved:.2f} since step {since})"))
     env_id = task["env_spec"] and gym.envs.registration.EnvSpec.from_json(task["env_spec"]).id
     if args.eval_episodes and env_id:  # the ground truth where a simulator exists: pi's own episodes
-        returns = evaluate(act, make_eval_envs(task, args.eval_episodes, None), task, args.seed, args.discount)
+        envs = make_eval_envs(task, args.eval_episodes, None)
+        if task["n_actions"]:  # evaluate() maps [-1, 1] back to [low, high]: the index, as a float array of one
+            envs = [gym.wrappers.TransformAction(e, lambda a: int(np.rint(a[0])), e.action_space) for e in envs]
+        returns = evaluate(act, envs, task, args.seed, args.discount)
         writer.add_scalar("eval/discounted_return", returns.mean(), step)
         error = returns.std(ddof=1) / len(returns) ** 0.5 if len(returns) > 1 else float("nan")
         print(f"Monte Carlo in {env_id}: {returns.mean():.2f} +- {error:.2f} (standard error) over {len(returns)} "

@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import HOPPER_ID, PENDULUM_ID, run_script
+from conftest import CARTPOLE_ID, HOPPER_ID, PENDULUM_ID, run_script
 from test_smoke import assert_clear_error, scalars, train
 
 GAMMA = 0.9
@@ -173,6 +173,56 @@ def test_fqe_script_recovers_a_closed_form_value_and_says_it_converged(minari_ro
     assert abs(float(value) - TRUTH) < 0.02 * TRUTH, (value, TRUTH)
     assert settled.startswith("converged (moved"), settled
     assert "the dataset names no environment" in result.stdout
+
+
+def test_fqe_script_recovers_a_closed_form_value_for_a_discrete_policy(minari_root, tmp_path):
+    """The chain with three discrete actions whose reward is the action itself (Discrete(3, start=-1): -1, 0, 1),
+    taken uniformly in the data, and a policy that always takes 1: Q(s, .) has one output per action, Q(s', pi(s')) is
+    a gather, and the estimate is within 2% of 1 + gamma + gamma^2 + gamma^3 (the data's own value is 0)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    length, rng = 4, np.random.default_rng(0)
+    actions = rng.integers(-1, 2, size=(512, length))
+    episodes = [EpisodeBuffer(id=i, observations=np.eye(length)[[*range(length), 0]], actions=a, rewards=a * 1.0,
+                              terminations=np.arange(length) == length - 1, truncations=np.zeros(length, bool))
+                for i, a in enumerate(actions)]
+    minari.create_dataset_from_buffers("test/chain/discrete-v0", episodes, algorithm_name="uniform", author="tests",
+                                       author_email="tests@localhost", code_permalink="tests/test_fqe.py",
+                                       description="chain", action_space=gym.spaces.Discrete(3, start=-1),
+                                       observation_space=gym.spaces.Box(0, 1, (length,)))
+
+    class Last(torch.nn.Module):  # what bcq_discrete.py and cql_discrete.py export: int64 actions, one per row
+        def forward(self, obs):
+            return torch.ones_like(obs[:, 0], dtype=torch.int64)
+
+    program = torch.export.export(Last(), (torch.zeros(2, length),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "last_policy.pt2")
+    result = run_script("fqe.py", "--policy", str(tmp_path / "last_policy.pt2"), "--dataset-id",
+                        "test/chain/discrete-v0", "--discount", str(GAMMA), "--hidden-dims", "64", "64", "--critic-lr",
+                        "1e-3", "--tau", "0.02", "--weight-decay", "0", "--total-steps", "2000", "--eval-every", "250",
+                        "--num-bootstrap", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    value = float(re.search(FINAL, result.stdout).group(1))
+    truth = 1 + GAMMA + GAMMA**2 + GAMMA**3
+    assert abs(value - truth) < 0.02 * truth, (value, truth)
+
+
+def test_fqe_script_runs_a_discrete_policy_in_its_environment(minari_root, tmp_path_factory, tmp_path):
+    """A cql_discrete.py policy on CartPole (reward 1 per step): the estimate lies in (0, 1 / (1 - gamma)], and the
+    Monte Carlo episodes step the environment with the policy's action indices."""
+    _, run_dir = train("cql_discrete.py", CARTPOLE_ID, tmp_path_factory)
+    result = run_script("fqe.py", "--policy", str(run_dir / "cql_discrete_policy.pt2"), "--dataset-id", CARTPOLE_ID,
+                        "--total-steps", "300", "--eval-every", "150", "--batch-size", "32", "--num-bootstrap", "2",
+                        "--hidden-dims", "64", "64", "--eval-episodes", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 0 < float(re.search(FINAL, result.stdout).group(1)) <= 1 / (1 - 0.99)
+    returns = float(re.search(r"Monte Carlo in CartPole-v1: (\S+) ", result.stdout).group(1))
+    assert 1 <= returns <= 1 / (1 - 0.99), result.stdout
+    # A continuous policy on discrete data is named as a misfit, in one line.
+    _, pendulum_run = train("iql.py", PENDULUM_ID, tmp_path_factory)
+    assert_clear_error(run_script("fqe.py", "--policy", str(pendulum_run / "iql_policy.pt2"), "--dataset-id",
+                                  CARTPOLE_ID, cwd=tmp_path), "does not fit the dataset", "shape (2,)")
 
 
 def test_fqe_script_mistakes_are_one_line(minari_root, tmp_path_factory, tmp_path):
