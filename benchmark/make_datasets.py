@@ -43,19 +43,34 @@ import torch.nn as nn
 import tyro
 from minari.data_collector import EpisodeBuffer
 
-HERE = Path(__file__).resolve().parent / "datasets" / "hopper"
+DATASETS = Path(__file__).resolve().parent / "datasets"
+HERE = DATASETS / "hopper"
 REF_MIN, REF_MAX = -20.272305, 3234.3  # D4RL's hopper constants
 NAMES = ("medium", "medium-replay", "expert", "medium-expert")
+# The discrete tasks: the behaviour is epsilon-greedy (EPSILON) in a Double DQN's Q, saved at two points of its
+# training (benchmark/datasets/train_dqn.py; the files and how they were picked: datasets/<task>/README.md). The
+# reference scores, stored in every dataset, are the mean returns of the uniform random policy (random) and of the
+# expert Q acting greedily, 100 episodes each: the normalized score is 0 for random play and 100 for the expert.
+EPSILON = 0.1
+DISCRETE = {"lunarlander": {"env": "LunarLander-v3", "medium": "q_medium.pt", "expert": "q_expert.pt", "steps": 100_000,
+                            "ref": (-191.74, 198.50)},
+            "cartpole": {"env": "CartPole-v1", "medium": "q_medium.pt", "expert": "q_expert.pt", "steps": 50_000,
+                         "ref": (21.13, 500.0)}}
+DISCRETE_NAMES = ("random", "medium", "medium-replay", "expert")
 
 
 @dataclass
 class Args:
-    datasets: tuple[str, ...] = NAMES
-    """medium, medium-replay, expert and/or medium-expert; medium-replay alone takes seconds: enough for a first run"""
+    task: str = "hopper"
+    """hopper (Hopper-v5, D4RL's recipe), or a discrete task: lunarlander (LunarLander-v3, needs gymnasium[box2d]) or
+    cartpole (CartPole-v1)"""
+    datasets: tuple[str, ...] | None = None
+    """default: all of the task's. hopper: medium, medium-replay, expert, medium-expert (medium-replay alone takes
+    seconds: enough for a first run); discrete tasks: random, medium, medium-replay, expert"""
     seed: int = 5
     """seed of the behaviour policies' action noise (the recipe seeds the resets); 5 is closest to the results' data"""
-    steps: int = 200_000
-    """environment steps of each rollout dataset (medium, expert)"""
+    steps: int | None = None
+    """environment steps of each rollout dataset (hopper 200,000; lunarlander 100,000; cartpole 50,000)"""
 
 
 # ---- progress: a full build runs for minutes, so each stage says what it does and how far it is -------------------
@@ -112,19 +127,42 @@ def behaviour_policy(path: Path):
     return net
 
 
-def rollouts(dataset_id: str, actor_file: str, first_seed: int, steps: int, seed: int) -> list:
-    say(f"{dataset_id}: loading the behaviour policy {actor_file} and Hopper-v5")
-    env, actor = gym.make("Hopper-v5"), behaviour_policy(HERE / actor_file)
-    noise = torch.Generator().manual_seed(seed)
+def q_policy(path: Path, env: gym.Env, noise: torch.Generator):
+    """Epsilon-greedy in the saved Q (train_dqn.py's network), or the uniform random policy where path is None."""
+    n = int(env.action_space.n)
+    net = nn.Sequential(nn.Linear(env.observation_space.shape[0], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                        nn.Linear(256, n))
+    if path is not None:
+        net.load_state_dict(torch.load(path, weights_only=True))
+    epsilon = EPSILON if path is not None else 1.0
+
+    def act(obs):
+        explore, uniform = torch.rand(1, generator=noise).item(), torch.randint(n, (1,), generator=noise).item()
+        with torch.no_grad():
+            return uniform if explore < epsilon else int(net(torch.as_tensor(obs, dtype=torch.float32)).argmax())
+    return act
+
+
+def rollouts(dataset_id: str, actor_file: str, first_seed: int, steps: int, seed: int, task: str = "hopper") -> list:
+    env_id = DISCRETE[task]["env"] if task in DISCRETE else "Hopper-v5"
+    say(f"{dataset_id}: loading the behaviour policy {actor_file or 'uniform random'} and {env_id}")
+    env, noise = gym.make(env_id), torch.Generator().manual_seed(seed)
+    if task in DISCRETE:
+        policy = q_policy(actor_file and DATASETS / task / actor_file, env, noise)
+    else:
+        actor = behaviour_policy(HERE / actor_file)
+
+        def policy(obs):
+            with torch.no_grad():
+                mean, log_std = actor(torch.as_tensor(obs, dtype=torch.float32)).chunk(2, -1)
+                return torch.tanh(mean + log_std.clamp(-20, 2).exp() * torch.randn(3, generator=noise)).numpy()
     episodes, total, start = [], 0, time.monotonic()
     say(f"{dataset_id}: collecting episodes: {steps:,} steps")
     while total < steps:
         obs, _ = env.reset(seed=first_seed + len(episodes))
         o, a, r, term, trunc = [obs], [], [], [], []
         while True:
-            with torch.no_grad():
-                mean, log_std = actor(torch.as_tensor(obs, dtype=torch.float32)).chunk(2, -1)
-                action = torch.tanh(mean + log_std.clamp(-20, 2).exp() * torch.randn(3, generator=noise)).numpy()
+            action = policy(obs)
             obs, reward, terminated, truncated, _ = env.step(action)
             total += 1
             truncated = truncated or total == steps  # the collection's end cuts the last episode
@@ -140,10 +178,11 @@ def rollouts(dataset_id: str, actor_file: str, first_seed: int, steps: int, seed
     return episodes
 
 
-def replay_episodes() -> list:
-    """SAC's replay buffer in order, cut at every termination or time limit; each episode's observations are its
-    steps' observations followed by the next-observation of its last step."""
-    z = dict(np.load(HERE / "replay.npz"))  # read each array once: indexing the archive decompresses it again
+def replay_episodes(task: str = "hopper") -> list:
+    """The behaviour's replay buffer in order (SAC's, or the DQN's), cut at every termination or time limit; each
+    episode's observations are its steps' observations followed by the next-observation of its last step."""
+    z = dict(np.load(DATASETS / task / "replay.npz"))  # read each array once: indexing the archive decompresses it
+    dtype = gym.make(DISCRETE[task]["env"] if task in DISCRETE else "Hopper-v5").observation_space.dtype
     ends = np.flatnonzero(z["term"] | z["trunc"]).tolist()
     if not ends or ends[-1] != len(z["rew"]) - 1:
         ends.append(len(z["rew"]) - 1)  # the unfinished last episode
@@ -152,7 +191,7 @@ def replay_episodes() -> list:
         steps = slice(start, end + 1)
         trunc = z["trunc"][steps].copy()
         trunc[-1] = not z["term"][end]  # an episode that did not terminate ends in a truncation
-        obs = np.concatenate([z["obs"][steps], z["nobs"][end:end + 1]]).astype(np.float64)  # Hopper-v5's dtype
+        obs = np.concatenate([z["obs"][steps], z["nobs"][end:end + 1]]).astype(dtype)  # the environment's
         episodes.append(EpisodeBuffer(id=len(episodes), observations=list(obs),
                                       actions=list(z["act"][steps]), rewards=list(z["rew"][steps].astype(np.float64)),
                                       terminations=list(z["term"][steps]), truncations=list(trunc)))
@@ -160,7 +199,14 @@ def replay_episodes() -> list:
     return episodes
 
 
-def describe(name: str) -> dict:
+def describe(name: str, task: str = "hopper") -> dict:
+    if task in DISCRETE:
+        what = {"random": "the uniform random policy", "medium": "a Double DQN stopped at a middling return, "
+                f"epsilon-greedy ({EPSILON})", "expert": f"the Double DQN trained to expert return, epsilon-greedy "
+                f"({EPSILON})", "medium-replay": "every transition the Double DQN saw up to the medium policy"}[name]
+        return {"algorithm_name": name, "description": f"{DISCRETE[task]['env']} {name}: {what}. Reference scores are "
+                "the random policy's and the greedy expert's mean returns.", "author": {"offline-rl reference scripts"},
+                "author_email": {"none@example.com"}, "code_permalink": "benchmark/make_datasets.py"}
     what = {"medium": ("SAC checkpoint 100000, stochastic", "a stochastic SAC policy stopped at about a third of "
                        "expert return, 200,000 steps"),
             "expert": ("SAC checkpoint 390000, stochastic", "a stochastic SAC policy trained to expert return, "
@@ -176,16 +222,20 @@ def describe(name: str) -> dict:
 def summary(dataset_id: str) -> str:
     """The dataset as read back: its size and mean normalized episode score."""
     dataset = minari.load_dataset(dataset_id)
+    low, high = dataset.storage.metadata["ref_min_score"], dataset.storage.metadata["ref_max_score"]
     returns = []
     for ep in dataset.iterate_episodes():
         returns.append(float(np.sum(ep.rewards)))
         say(f"{dataset_id}: reading it back: episode {len(returns):,}/{dataset.total_episodes:,}", count=True)
-    score = 100 * (np.mean(returns) - REF_MIN) / (REF_MAX - REF_MIN)
+    score = 100 * (np.mean(returns) - low) / (high - low)
     return (f"{dataset_id}: {dataset.total_steps} transitions, {dataset.total_episodes} episodes, mean episode score "
-            f"{score:.1f}")
+            f"{score:.1f} (mean return {np.mean(returns):.1f})")
 
 
 def main(args: Args):
+    if args.task != "hopper":
+        return main_discrete(args)
+    args.datasets, args.steps = args.datasets or NAMES, args.steps or 200_000
     unknown = set(args.datasets) - set(NAMES)
     if unknown:
         raise SystemExit(f"make_datasets.py: error: unknown dataset(s) {sorted(unknown)}; choose from {NAMES}")
@@ -219,6 +269,43 @@ def main(args: Args):
         say(f"{dataset_id}: built under {root} in {time.monotonic() - start:.0f} s")
     for name in order:
         say(summary(f"local/hopper/{name}-v0"))
+
+
+def main_discrete(args: Args):
+    """random, medium and expert: --steps steps of their policy, episode k reset with seed 200000 + k, k and
+    100000 + k; medium-replay: the DQN's replay buffer up to the medium checkpoint."""
+    if args.task not in DISCRETE:
+        raise SystemExit(f"make_datasets.py: error: unknown task '{args.task}'; choose from hopper, "
+                         f"{', '.join(DISCRETE)}")
+    task, datasets = DISCRETE[args.task], args.datasets or DISCRETE_NAMES
+    unknown = set(datasets) - set(DISCRETE_NAMES)
+    if unknown:
+        raise SystemExit(f"make_datasets.py: error: unknown dataset(s) {sorted(unknown)}; choose from {DISCRETE_NAMES}")
+    try:
+        spec = gym.make(task["env"]).spec
+    except Exception as e:  # LunarLander without Box2D
+        raise SystemExit(f"make_datasets.py: error: cannot make {task['env']} ({type(e).__name__}: {e}); "
+                         "LunarLander needs `pip install gymnasium[box2d]`")
+    root, local, ids = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets"), minari.list_local_datasets(), []
+    for name in (n for n in DISCRETE_NAMES if n in datasets):
+        dataset_id = f"local/{args.task}/{name}-v0"
+        ids.append(dataset_id)
+        if dataset_id in local:
+            say(f"{dataset_id}: already under {root}, kept as it is")
+            continue
+        start = time.monotonic()
+        if name == "medium-replay":
+            say(f"{dataset_id}: reading the DQN's replay buffer, benchmark/datasets/{args.task}/replay.npz")
+            episodes = replay_episodes(args.task)
+        else:
+            episodes = rollouts(dataset_id, task.get(name), {"random": 200_000, "medium": 0, "expert": 100_000}[name],
+                                args.steps or task["steps"], args.seed, args.task)
+        minari.create_dataset_from_buffers(dataset_id, writing(dataset_id, episodes), env=spec, eval_env=spec,
+                                           ref_min_score=task["ref"][0], ref_max_score=task["ref"][1],
+                                           **describe(name, args.task))
+        say(f"{dataset_id}: built under {root} in {time.monotonic() - start:.0f} s")
+    for dataset_id in ids:
+        say(summary(dataset_id))
 
 
 if __name__ == "__main__":
