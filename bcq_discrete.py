@@ -7,7 +7,7 @@ the most likely one; the Double DQN target and the policy take their argmax over
     allowed(s) = { a : G(a|s) / max_b G(b|s) >= threshold }   (threshold 0: Double DQN; 1: the G-argmax, i.e. BC)
     y = r + gamma * (1 - done) * Q_target(s', argmax_{a' in allowed(s')} Q(s', a'))
     L = Huber(Q(s, a) - y) - log G(a|s) + 0.01 * mean(logits_G(s)^2)
-Run: python bcq_discrete.py --dataset-id local/cartpole/mixed-v0 --threshold 0.3
+Run: python bcq_discrete.py --dataset-id local/cartpole/medium-v0 --threshold 0.3
 """
 
 import os
@@ -41,7 +41,7 @@ class Args:
     """use CUDA when available"""
     cudagraphs: bool = True
     """on CUDA, capture the training step once in a CUDA graph and replay it (ignored on CPU)"""
-    dataset_id: str = "local/cartpole/mixed-v0"
+    dataset_id: str = "local/cartpole/medium-v0"
     """Minari dataset id (local datasets are found under MINARI_DATASETS_PATH)"""
     download: bool = True
     """let Minari download the dataset if it is not found locally"""
@@ -264,7 +264,7 @@ def load_minari(dataset_id: str, download: bool) -> minari.MinariDataset:
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         fail(f"could not load dataset '{dataset_id}' ({why}); MINARI_DATASETS_PATH={root} holds: "
              f"{', '.join(sorted(minari.list_local_datasets())) or 'none'}. Offline, --no-download uses local data; "
-             f"docs/{Args.exp_name}.md builds local/cartpole/mixed-v0 in seconds")
+             "`python benchmark/make_datasets.py --task cartpole` builds local/cartpole/* in seconds")
     obs_space, space = dataset.spec.observation_space, dataset.spec.action_space
     if not isinstance(space, gym.spaces.Discrete):
         fail(f"{Args.exp_name}.py needs discrete actions; '{dataset_id}' has {space}: for continuous actions use "
