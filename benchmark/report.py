@@ -8,6 +8,11 @@ write them) and every peer result under --logdir/peers/*.json, and writes benchm
 {name}_curves.png: score against gradient steps, one panel per dataset, one line per script (the mean over seeds) with
 a band from the lowest to the highest seed. Without matplotlib it writes the tables and says it skipped the curves.
 
+Fine-tuning runs (`--online-steps`, read from a run's logged hyperparameters; a peer's `offline_steps`) get a table of
+their own, {name}_finetune.md: per script and dataset, over seeds, the score at the switch (the last evaluation at or
+before it), the dip (the lowest score in the first 10% of the online phase), the scores at 25%, 50% and 100% of it and
+the gain from the switch to the end; and {name}_online.png, score against online steps with the offline phase before 0.
+
 A run stopped and resumed (`--resume`) holds one event file per session; they read as one curve (a resumed session
 drops what the earlier one logged after the checkpoint's step), and its wall time is the sum of the sessions' own spans,
 without the time between them.
@@ -58,6 +63,9 @@ def read_run(run_dir: Path, last: int) -> dict:
     dataset, exp_name, seed, _ = run_dir.name.split("__")
     score_tag = "eval/normalized_score" if "eval/normalized_score" in tags else "eval/return"
     evals = acc.Scalars(score_tag)
+    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode() if "hyperparameters/" \
+        "text_summary" in acc.Tags()["tensors"] else ""
+    hyper = dict(line.strip("|").split("|", 1) for line in text.splitlines() if line.count("|") == 3)
     return {
         "script": exp_name, "dataset": dataset, "seed": int(seed), "metric": score_tag.split("/")[1],
         "final": float(np.mean([e.value for e in evals[-last:]])), "steps": evals[-1].step,
@@ -65,6 +73,7 @@ def read_run(run_dir: Path, last: int) -> dict:
         "peak_memory_mb": max(e.value for e in acc.Scalars("charts/peak_memory_mb")),
         "wall_minutes": wall_minutes(run_dir),
         "curve": [(e.step, e.value) for e in evals],
+        "offline_steps": int(hyper["total_steps"]) if hyper.get("online_steps", "0") != "0" else None,
     }
 
 
@@ -78,10 +87,38 @@ def read_peer(path: Path, last: int) -> dict:
         "updates_per_second": history[-1]["updates_per_second"], "peak_memory_mb": float("nan"),
         "wall_minutes": float("nan"),
         "curve": [(h["step"], h["score"]) for h in history],
+        "offline_steps": result.get("offline_steps") if "finetune" in result["name"] else None,
     }
 
 
-def plot_curves(runs: list, path: Path) -> bool:
+def finetune_row(run: dict) -> dict:
+    """One fine-tuning run's figures: the score at the switch, the dip in the first 10% of the online phase, the
+    scores at 25%, 50% and 100% of it (the first evaluation at or past each point)."""
+    switch, curve = run["offline_steps"], sorted(run["curve"])
+    online = curve[-1][0] - switch
+    before = [v for s, v in curve if s <= switch]
+    at = lambda frac: next(v for s, v in curve if s >= switch + frac * online)  # noqa: E731
+    return {"switch": before[-1] if before else float("nan"),
+            "dip": min([v for s, v in curve if switch < s <= switch + 0.1 * online] or [float("nan")]),
+            "25%": at(0.25), "50%": at(0.5), "100%": at(1.0), "online_steps": online}
+
+
+def finetune_table(runs: list) -> list:
+    lines = ["| dataset | script | online steps | at the switch | dip (first 10%) | 25% | 50% | 100% | gain | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in (r for r in runs if r["offline_steps"] is not None and r["curve"][-1][0] > r["offline_steps"]):
+        groups.setdefault((r["dataset"], r["script"]), []).append(finetune_row(r))
+    for (dataset, script), rows in sorted(groups.items()):
+        cell = lambda k: f"{np.mean([r[k] for r in rows]):.1f} +- {np.std([r[k] for r in rows]):.1f}"  # noqa: E731
+        gains = [r["100%"] - r["switch"] for r in rows]
+        lines.append(f"| {dataset} | {script} | {min(r['online_steps'] for r in rows)} | {cell('switch')} | "
+                     f"{cell('dip')} | {cell('25%')} | {cell('50%')} | {cell('100%')} | "
+                     f"{np.mean(gains):.1f} +- {np.std(gains):.1f} | {len(rows)} |")
+    return lines if len(lines) > 2 else []
+
+
+def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps") -> bool:
     """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed.
     Returns False, drawing nothing, without matplotlib."""
     try:
@@ -103,7 +140,7 @@ def plot_curves(runs: list, path: Path) -> bool:
             line, = ax.plot(steps, values.mean(0), label=f"{script} ({len(group)} seed{'s' * (len(group) > 1)})")
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
         metric = {r["metric"] for r in runs if r["dataset"] == dataset}
-        ax.set(title=dataset, xlabel="gradient steps", ylabel="normalized score" if metric == {"normalized_score"}
+        ax.set(title=dataset, xlabel=xlabel, ylabel="normalized score" if metric == {"normalized_score"}
                else "return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -141,6 +178,14 @@ def main(args: Args):
                      f"{'n/a' if np.isnan(memory) else f'{memory:.0f}'} |")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    finetune = finetune_table(runs)
+    if finetune:
+        (args.out / f"{args.name}_finetune.md").write_text("\n".join(finetune) + "\n")
+        print("\n".join(finetune))
+    if args.curves and finetune:
+        shifted = [{**r, "curve": [(s - r["offline_steps"], v) for s, v in r["curve"]]} for r in runs
+                   if r["offline_steps"] is not None]
+        plot_curves(shifted, args.out / f"{args.name}_online.png", "environment steps online (offline before 0)")
     if args.curves:
         png = args.out / f"{args.name}_curves.png"
         print(f"wrote {png}" if plot_curves(runs, png) else f"skipped {png.name}: the curves need matplotlib (pip "
