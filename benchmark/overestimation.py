@@ -57,7 +57,8 @@ def main(args: Args):
             line, = ax.plot(steps, values.mean(0), label=f"{label or variant}, {len(curves)} seeds")
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
         dataset_id = dataset.replace("-", "/", 2)
-        ax.axhline(data_value(dataset_id, args.discount), color="k", ls="--", label="the data's discounted return-to-go")
+        ax.axhline(data_value(dataset_id, args.discount), color="k", ls="--",
+                   label="the data's discounted return-to-go")
         ax.set(title=dataset_id, xlabel="gradient steps", ylabel="Q of the action the target takes")
         ax.legend(fontsize=8)
     fig.tight_layout()

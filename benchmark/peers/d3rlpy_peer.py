@@ -1,4 +1,5 @@
-"""Peer baselines: d3rlpy's IQL, CQL and BCQ, and DiscreteBCQ and DiscreteCQL, on a Minari dataset, trained and evaluated on the same schedule as our
+"""Peer baselines: d3rlpy's IQL, CQL and BCQ, and DiscreteBCQ and DiscreteCQL, on a Minari dataset, trained and
+evaluated on the same schedule as our
 scripts, for the score and speed comparisons in the README.
 
 Not part of the project's scripts or tests; it runs in its own environment:
@@ -58,7 +59,7 @@ parser.add_argument("--warmup", type=int, default=50)
 parser.add_argument("--device", default="cpu:0", help="d3rlpy's device, e.g. cuda:0")
 parser.add_argument("--compile-graph", action="store_true", help="d3rlpy's compile_graph (torch.compile, CUDA graphs)")
 parser.add_argument("--steps", type=int, default=500)
-parser.add_argument("--online-steps", type=int, default=0, help="iql: environment steps of fine-tuning after the offline")
+parser.add_argument("--online-steps", type=int, default=0, help="iql: environment steps of fine-tuning after offline")
 parser.add_argument("--online-lr", choices=["reproduction", "constant"], default="reproduction",
                     help="iql: at the switch, set the actor's rate to 3e-4 and leave its cosine scheduler stepping, as "
                     "the reproduction does (PyTorch's chainable CosineAnnealingLR then multiplies that rate by about "
@@ -198,7 +199,8 @@ def evaluate(step):
     history.append({"step": step, "return": float(np.mean(returns)), "score": float(score), "updates_per_second": ups})
     if args.algo == "iql":  # the reproduction's fine-tuning sets it and its cosine scheduler goes on stepping it
         history[-1]["actor_lr"] = algo.impl._modules.actor_optim.optim.param_groups[0]["lr"]
-    print(f"step {step}/{args.total_steps + args.online_steps} | return {np.mean(returns):8.1f} | score {score:5.1f} | {ups:.0f} updates/s",
+    print(f"step {step}/{args.total_steps + args.online_steps} | return {np.mean(returns):8.1f} | score {score:5.1f} | "
+          f"{ups:.0f} updates/s",
           flush=True)
 
 
@@ -219,6 +221,7 @@ if args.online_steps:
                         step % args.eval_every == 0 or step == args.online_steps) else None)
 final = float(np.mean([h["score"] for h in history[-3:]]))
 print(f"final score (mean of the last 3 evaluations): {final:.1f}")
-json.dump({"name": f"d3rlpy_{args.algo}" + f"_finetune_{args.online_lr}_lr" * bool(args.online_steps), "dataset_id": args.dataset_id,
+json.dump({"name": f"d3rlpy_{args.algo}" + f"_finetune_{args.online_lr}_lr" * bool(args.online_steps),
+           "dataset_id": args.dataset_id,
            "seed": args.seed, "final_score": final, "history": history, "offline_steps": args.total_steps},
           open(args.out, "w"), indent=1)
