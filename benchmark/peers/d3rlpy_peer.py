@@ -1,6 +1,5 @@
 """Peer baselines: d3rlpy's IQL, CQL and BCQ, and DiscreteBCQ and DiscreteCQL, on a Minari dataset, trained and
-evaluated on the same schedule as our
-scripts, for the score and speed comparisons in the README.
+evaluated on the same schedule as our scripts, for the score and speed comparisons in the README.
 
 Not part of the project's scripts or tests; it runs in its own environment:
     python -m venv peer && peer/bin/pip install torch==2.13.0 && \
