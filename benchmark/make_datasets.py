@@ -6,7 +6,9 @@ material in benchmark/datasets/hopper/ (two SAC actor checkpoints and SAC's repl
 
 `--datasets medium-replay` alone copies stored transitions and takes seconds: enough for a first run. The rollout
 datasets step MuJoCo 400,000 times (a few minutes on one core, more on a busy machine); every stage prints its
-progress as it goes.
+progress as it goes. `--task cartpole` and `--task lunarlander` (which needs gymnasium[box2d]) build discrete
+datasets (random, medium, medium-replay, expert) the same way, from a Double DQN's material in
+benchmark/datasets/<task>/ (see its README), in under a minute.
 
 - local/hopper/medium-v0: 200,000 steps of the medium actor (after 100,000 SAC steps) acting stochastically in
   Hopper-v5, episode k reset with seed k; collection stops at exactly 200,000 steps, so the last episode ends in
@@ -52,11 +54,16 @@ NAMES = ("medium", "medium-replay", "expert", "medium-expert")
 # reference scores, stored in every dataset, are the mean returns of the uniform random policy (random) and of the
 # expert Q acting greedily, 100 episodes each: the normalized score is 0 for random play and 100 for the expert.
 EPSILON = 0.1
-DISCRETE = {"lunarlander": {"env": "LunarLander-v3", "medium": "q_medium.pt", "expert": "q_expert.pt", "steps": 100_000,
-                            "ref": (-191.74, 198.50)},
-            "cartpole": {"env": "CartPole-v1", "medium": "q_medium.pt", "expert": "q_expert.pt", "steps": 50_000,
-                         "ref": (21.13, 500.0)}}
 DISCRETE_NAMES = ("random", "medium", "medium-replay", "expert")
+DISCRETE = {"lunarlander": {"env": "LunarLander-v3", "medium": "q_medium.pt", "expert": "q_expert.pt", "steps": 100_000,
+                            "ref": (-191.74, 198.50), "names": DISCRETE_NAMES, "replay": "the DQN's"},
+            "cartpole": {"env": "CartPole-v1", "medium": "q_medium.pt", "expert": "q_expert.pt", "steps": 50_000,
+                         "ref": (21.13, 500.0), "names": DISCRETE_NAMES, "replay": "the DQN's"}}
+# Every task: its environment, the behaviour files of its datasets, the steps of a rollout dataset, the reference
+# scores, the datasets it has; episode k of a rollout dataset is reset with seed FIRST_SEED[name] + k.
+TASKS = {"hopper": {"env": "Hopper-v5", "medium": "actor_100000.pt", "expert": "actor_390000.pt", "steps": 200_000,
+                    "ref": (REF_MIN, REF_MAX), "names": NAMES, "replay": "SAC's"}, **DISCRETE}
+FIRST_SEED = {"medium": 0, "expert": 100_000, "random": 200_000}
 
 
 @dataclass
@@ -144,7 +151,7 @@ def q_policy(path: Path, env: gym.Env, noise: torch.Generator):
 
 
 def rollouts(dataset_id: str, actor_file: str, first_seed: int, steps: int, seed: int, task: str = "hopper") -> list:
-    env_id = DISCRETE[task]["env"] if task in DISCRETE else "Hopper-v5"
+    env_id = TASKS[task]["env"]
     say(f"{dataset_id}: loading the behaviour policy {actor_file or 'uniform random'} and {env_id}")
     env, noise = gym.make(env_id), torch.Generator().manual_seed(seed)
     if task in DISCRETE:
@@ -182,7 +189,7 @@ def replay_episodes(task: str = "hopper") -> list:
     """The behaviour's replay buffer in order (SAC's, or the DQN's), cut at every termination or time limit; each
     episode's observations are its steps' observations followed by the next-observation of its last step."""
     z = dict(np.load(DATASETS / task / "replay.npz"))  # read each array once: indexing the archive decompresses it
-    dtype = gym.make(DISCRETE[task]["env"] if task in DISCRETE else "Hopper-v5").observation_space.dtype
+    dtype = gym.make(TASKS[task]["env"]).observation_space.dtype
     ends = np.flatnonzero(z["term"] | z["trunc"]).tolist()
     if not ends or ends[-1] != len(z["rew"]) - 1:
         ends.append(len(z["rew"]) - 1)  # the unfinished last episode
@@ -233,79 +240,49 @@ def summary(dataset_id: str) -> str:
 
 
 def main(args: Args):
-    if args.task != "hopper":
-        return main_discrete(args)
-    args.datasets, args.steps = args.datasets or NAMES, args.steps or 200_000
-    unknown = set(args.datasets) - set(NAMES)
+    if args.task not in TASKS:
+        raise SystemExit(f"make_datasets.py: error: unknown task '{args.task}'; choose from {', '.join(TASKS)}")
+    task = TASKS[args.task]
+    datasets = args.datasets or task["names"]
+    unknown = set(datasets) - set(task["names"])
     if unknown:
-        raise SystemExit(f"make_datasets.py: error: unknown dataset(s) {sorted(unknown)}; choose from {NAMES}")
+        raise SystemExit(f"make_datasets.py: error: unknown dataset(s) {sorted(unknown)}; choose from {task['names']}")
+    try:
+        gym.make(task["env"])
+    except Exception as e:  # Hopper without MuJoCo, LunarLander without Box2D
+        raise SystemExit(f"make_datasets.py: error: cannot make {task['env']} ({type(e).__name__}: {e}); Hopper "
+                         "needs `pip install gymnasium[mujoco]`, LunarLander `pip install gymnasium[box2d]`")
     root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
     local = minari.list_local_datasets()
-    spec = gym.spec("Hopper-v5")
+    spec = gym.spec(task["env"])
     # medium-expert is made from the other two, so they come first when it is asked for.
-    order = [n for n in NAMES if n in args.datasets or (n in ("medium", "expert") and "medium-expert" in args.datasets)]
+    order = [n for n in task["names"] if n in datasets or (n in ("medium", "expert") and "medium-expert" in datasets)]
     for name in order:
-        dataset_id = f"local/hopper/{name}-v0"
+        dataset_id = f"local/{args.task}/{name}-v0"
         if dataset_id in local:
             say(f"{dataset_id}: already under {root}, kept as it is")
             continue
         start = time.monotonic()
         if name == "medium-expert":
-            parts = [minari.load_dataset(f"local/hopper/{n}-v0") for n in ("medium", "expert")]
+            parts = [minari.load_dataset(f"local/{args.task}/{n}-v0") for n in ("medium", "expert")]
             with ticking(f"{dataset_id}: combining medium and expert ({sum(p.total_steps for p in parts):,} steps)"):
                 combined = minari.combine_datasets(parts, dataset_id)
             # Combining keeps the environment but drops the reference scores and the evaluation environment.
-            combined.storage.update_metadata({"ref_min_score": REF_MIN, "ref_max_score": REF_MAX,
+            combined.storage.update_metadata({"ref_min_score": task["ref"][0], "ref_max_score": task["ref"][1],
                                               "num_episodes_average_score": 100, "eval_env_spec": spec.to_json(),
-                                              **describe(name)})
+                                              **describe(name, args.task)})
         else:
             if name == "medium-replay":
-                say(f"{dataset_id}: reading SAC's replay buffer, benchmark/datasets/hopper/replay.npz")
-            episodes = (replay_episodes() if name == "medium-replay" else
-                        rollouts(dataset_id, "actor_100000.pt" if name == "medium" else "actor_390000.pt",
-                                 0 if name == "medium" else 100_000, args.steps, args.seed))
+                say(f"{dataset_id}: reading {task['replay']} replay buffer, benchmark/datasets/{args.task}/replay.npz")
+            episodes = (replay_episodes(args.task) if name == "medium-replay" else
+                        rollouts(dataset_id, task.get(name), FIRST_SEED[name], args.steps or task["steps"], args.seed,
+                                 args.task))
             minari.create_dataset_from_buffers(dataset_id, writing(dataset_id, episodes), env=spec, eval_env=spec,
-                                               ref_min_score=REF_MIN, ref_max_score=REF_MAX, **describe(name))
+                                               ref_min_score=task["ref"][0], ref_max_score=task["ref"][1],
+                                               **describe(name, args.task))
         say(f"{dataset_id}: built under {root} in {time.monotonic() - start:.0f} s")
     for name in order:
-        say(summary(f"local/hopper/{name}-v0"))
-
-
-def main_discrete(args: Args):
-    """random, medium and expert: --steps steps of their policy, episode k reset with seed 200000 + k, k and
-    100000 + k; medium-replay: the DQN's replay buffer up to the medium checkpoint."""
-    if args.task not in DISCRETE:
-        raise SystemExit(f"make_datasets.py: error: unknown task '{args.task}'; choose from hopper, "
-                         f"{', '.join(DISCRETE)}")
-    task, datasets = DISCRETE[args.task], args.datasets or DISCRETE_NAMES
-    unknown = set(datasets) - set(DISCRETE_NAMES)
-    if unknown:
-        raise SystemExit(f"make_datasets.py: error: unknown dataset(s) {sorted(unknown)}; choose from {DISCRETE_NAMES}")
-    try:
-        spec = gym.make(task["env"]).spec
-    except Exception as e:  # LunarLander without Box2D
-        raise SystemExit(f"make_datasets.py: error: cannot make {task['env']} ({type(e).__name__}: {e}); "
-                         "LunarLander needs `pip install gymnasium[box2d]`")
-    root, local, ids = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets"), minari.list_local_datasets(), []
-    for name in (n for n in DISCRETE_NAMES if n in datasets):
-        dataset_id = f"local/{args.task}/{name}-v0"
-        ids.append(dataset_id)
-        if dataset_id in local:
-            say(f"{dataset_id}: already under {root}, kept as it is")
-            continue
-        start = time.monotonic()
-        if name == "medium-replay":
-            say(f"{dataset_id}: reading the DQN's replay buffer, benchmark/datasets/{args.task}/replay.npz")
-            episodes = replay_episodes(args.task)
-        else:
-            episodes = rollouts(dataset_id, task.get(name), {"random": 200_000, "medium": 0, "expert": 100_000}[name],
-                                args.steps or task["steps"], args.seed, args.task)
-        minari.create_dataset_from_buffers(dataset_id, writing(dataset_id, episodes), env=spec, eval_env=spec,
-                                           ref_min_score=task["ref"][0], ref_max_score=task["ref"][1],
-                                           **describe(name, args.task))
-        say(f"{dataset_id}: built under {root} in {time.monotonic() - start:.0f} s")
-    for dataset_id in ids:
-        say(summary(dataset_id))
+        say(summary(f"local/{args.task}/{name}-v0"))
 
 
 if __name__ == "__main__":
