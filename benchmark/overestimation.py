@@ -1,7 +1,7 @@
 """The overestimation figure of docs/cql_discrete.md: offline Double DQN (cql_discrete.py --cql-alpha 0) against CQL,
 the Q the target takes (values/q_target_action, max over the policy's actions at s') against gradient steps, beside
 what the data's own returns are worth: the mean discounted return-to-go of the dataset's transitions (gamma 0.99), the
-behaviour's value on the states Q is trained on.
+behaviour's value on the states Q is trained on. Drawn by report.py's plot_curves.
 
     python benchmark/overestimation.py --logdir sweeps/discrete/runs --name lunarlander_discrete
 """
@@ -9,23 +9,24 @@ behaviour's value on the states Q is trained on.
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import minari
 import numpy as np
 import tyro
+from report import plot_curves
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+LABELS = {"cql_discrete_dqn": "offline Double DQN (alpha 0)", "cql_discrete": "CQL (alpha 1)"}
 
 
 @dataclass
 class Args:
     logdir: Path = Path("benchmark/logs/lunarlander_discrete")
+    """folder of run folders, as report.py reads them"""
     name: str = "lunarlander_discrete"
+    """the figure is {out}/{name}_overestimation.png"""
     out: Path = Path("benchmark/results")
     discount: float = 0.99
-    variants: tuple[str, ...] = ("cql_discrete_dqn", "cql_discrete")
+    """the discount of the data's return-to-go (the scripts' default)"""
 
 
 def data_value(dataset_id: str, discount: float) -> float:
@@ -41,29 +42,19 @@ def data_value(dataset_id: str, discount: float) -> float:
 
 
 def main(args: Args):
-    runs = {}
+    runs = []
     for run in sorted(p for p in args.logdir.iterdir() if p.is_dir() and p.name.count("__") == 3):
         dataset, variant, _, _ = run.name.split("__")
-        if variant in args.variants:
+        if variant in LABELS:
             acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
             acc.Reload()
-            runs.setdefault(dataset, {}).setdefault(variant, []).append(acc.Scalars("values/q_target_action"))
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
-    for ax, (dataset, variants) in zip(axes[0], sorted(runs.items())):
-        for variant, curves in sorted(variants.items()):
-            steps = [e.step for e in curves[0]]
-            values = np.array([[e.value for e in c][:len(steps)] for c in curves])
-            label = {"cql_discrete_dqn": "offline Double DQN (alpha 0)", "cql_discrete": "CQL (alpha 1)"}.get(variant)
-            line, = ax.plot(steps, values.mean(0), label=f"{label or variant}, {len(curves)} seeds")
-            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-        dataset_id = dataset.replace("-", "/", 2)
-        ax.axhline(data_value(dataset_id, args.discount), color="k", ls="--",
-                   label="the data's discounted return-to-go")
-        ax.set(title=dataset_id, xlabel="gradient steps", ylabel="Q of the action the target takes")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out / f"{args.name}_overestimation.png", dpi=110)
-    print(f"wrote {args.out / f'{args.name}_overestimation.png'}")
+            runs.append({"dataset": dataset, "script": LABELS[variant], "metric": "q",
+                         "curve": [(e.step, e.value) for e in acc.Scalars("values/q_target_action")]})
+    lines = {d: (data_value(d.replace("-", "/", 2), args.discount), "the data's discounted return-to-go")
+             for d in {r["dataset"] for r in runs}}
+    png = args.out / f"{args.name}_overestimation.png"
+    plot_curves(runs, png, ylabel="Q of the action the target takes", lines=lines)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -118,9 +118,11 @@ def finetune_table(runs: list) -> list:
     return lines if len(lines) > 2 else []
 
 
-def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps") -> bool:
-    """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed.
-    Returns False, drawing nothing, without matplotlib."""
+def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps", ylabel: str | None = None,
+                lines: dict | None = None) -> bool:
+    """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed;
+    lines maps a dataset to a (value, label) drawn dashed across its panel. Returns False, drawing nothing, without
+    matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -139,9 +141,11 @@ def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps") -> bool:
             values = np.array([[c[s] for s in steps] for c in curves])
             line, = ax.plot(steps, values.mean(0), label=f"{script} ({len(group)} seed{'s' * (len(group) > 1)})")
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+        if dataset in (lines or {}):
+            ax.axhline(lines[dataset][0], color="k", ls="--", label=lines[dataset][1])
         metric = {r["metric"] for r in runs if r["dataset"] == dataset}
-        ax.set(title=dataset, xlabel=xlabel, ylabel="normalized score" if metric == {"normalized_score"}
-               else "return")
+        ax.set(title=dataset, xlabel=xlabel, ylabel=ylabel or ("normalized score" if metric == {"normalized_score"}
+                                                                else "return"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -185,7 +189,8 @@ def main(args: Args):
     if args.curves and finetune:
         shifted = [{**r, "curve": [(s - r["offline_steps"], v) for s, v in r["curve"]]} for r in runs
                    if r["offline_steps"] is not None]
-        plot_curves(shifted, args.out / f"{args.name}_online.png", "environment steps online (offline before 0)")
+        if plot_curves(shifted, args.out / f"{args.name}_online.png", "environment steps online (offline before 0)"):
+            print(f"wrote {args.out / f'{args.name}_online.png'}")
     if args.curves:
         png = args.out / f"{args.name}_curves.png"
         print(f"wrote {png}" if plot_curves(runs, png) else f"skipped {png.name}: the curves need matplotlib (pip "
