@@ -141,10 +141,30 @@ def test_fqe_script_on_data_that_never_terminates(minari_root, tmp_path_factory,
     assert "Monte Carlo in Pendulum-v1" in result.stdout
 
 
+def fqe_on_chain(tmp_path, dataset_id: str, episodes: list, action_space: gym.Space, policy: torch.nn.Module,
+                 *more: str):
+    """The episodes as a Minari dataset with no environment, the policy exported as a program, and fqe.py run on them
+    with the settings of fit() above for 2000 steps; returns the finished run."""
+    import minari
+
+    length = len(episodes[0].observations[0])
+    minari.create_dataset_from_buffers(dataset_id, episodes, algorithm_name="uniform", author="tests",
+                                       author_email="tests@localhost", code_permalink="tests/test_fqe.py",
+                                       description="chain", action_space=action_space,
+                                       observation_space=gym.spaces.Box(0, 1, (length,)))
+    program = torch.export.export(policy, (torch.zeros(2, length),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "chain_policy.pt2")
+    result = run_script("fqe.py", "--policy", str(tmp_path / "chain_policy.pt2"), "--dataset-id", dataset_id,
+                        "--discount", str(GAMMA), "--hidden-dims", "64", "64", "--critic-lr", "1e-3", "--tau", "0.02",
+                        "--weight-decay", "0", "--total-steps", "2000", "--eval-every", "250", "--num-bootstrap", "2",
+                        *more, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_fqe_script_recovers_a_closed_form_value_and_says_it_converged(minari_root, tmp_path):
     """The chain above as a Minari dataset, with no environment, and pi(s) = 0.5 exported as a program: the script's
     estimate is within 2% of the closed form, and the fit is long enough to be called converged."""
-    import minari
     from minari.data_collector import EpisodeBuffer
 
     data, length = chain(n=2048), 4
@@ -153,22 +173,13 @@ def test_fqe_script_recovers_a_closed_form_value_and_says_it_converged(minari_ro
                               actions=actions[j:j + length], rewards=actions[j:j + length, 0],
                               terminations=np.arange(length) == length - 1, truncations=np.zeros(length, bool))
                 for i, j in enumerate(range(0, len(obs), length))]
-    minari.create_dataset_from_buffers("test/chain/pi-v0", episodes, algorithm_name="uniform", author="tests",
-                                       author_email="tests@localhost", code_permalink="tests/test_fqe.py",
-                                       description="chain", action_space=gym.spaces.Box(-1, 1, (1,)),
-                                       observation_space=gym.spaces.Box(0, 1, (length,)))
 
     class Half(torch.nn.Module):
         def forward(self, obs):
             return obs[:, :1] * 0.0 + PI
 
-    program = torch.export.export(Half(), (torch.zeros(2, length),), dynamic_shapes=({0: torch.export.Dim("b")},))
-    torch.export.save(program, tmp_path / "half_policy.pt2")
-    result = run_script("fqe.py", "--policy", str(tmp_path / "half_policy.pt2"), "--dataset-id", "test/chain/pi-v0",
-                        "--discount", str(GAMMA), "--hidden-dims", "64", "64", "--critic-lr", "1e-3", "--tau", "0.02",
-                        "--weight-decay", "0", "--total-steps", "2000", "--eval-every", "250", "--num-bootstrap", "2",
-                        "--eval-episodes", "1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = fqe_on_chain(tmp_path, "test/chain/pi-v0", episodes, gym.spaces.Box(-1, 1, (1,)), Half(),
+                          "--eval-episodes", "1")
     value, low, high, _, settled = re.search(FINAL, result.stdout).groups()
     assert abs(float(value) - TRUTH) < 0.02 * TRUTH, (value, TRUTH)
     assert settled.startswith("converged (moved"), settled
@@ -179,7 +190,6 @@ def test_fqe_script_recovers_a_closed_form_value_for_a_discrete_policy(minari_ro
     """The chain with three discrete actions whose reward is the action itself (Discrete(3, start=-1): -1, 0, 1),
     taken uniformly in the data, and a policy that always takes 1: Q(s, .) has one output per action, Q(s', pi(s')) is
     a gather, and the estimate is within 2% of 1 + gamma + gamma^2 + gamma^3 (the data's own value is 0)."""
-    import minari
     from minari.data_collector import EpisodeBuffer
 
     length, rng = 4, np.random.default_rng(0)
@@ -187,22 +197,12 @@ def test_fqe_script_recovers_a_closed_form_value_for_a_discrete_policy(minari_ro
     episodes = [EpisodeBuffer(id=i, observations=np.eye(length)[[*range(length), 0]], actions=a, rewards=a * 1.0,
                               terminations=np.arange(length) == length - 1, truncations=np.zeros(length, bool))
                 for i, a in enumerate(actions)]
-    minari.create_dataset_from_buffers("test/chain/discrete-v0", episodes, algorithm_name="uniform", author="tests",
-                                       author_email="tests@localhost", code_permalink="tests/test_fqe.py",
-                                       description="chain", action_space=gym.spaces.Discrete(3, start=-1),
-                                       observation_space=gym.spaces.Box(0, 1, (length,)))
 
     class Last(torch.nn.Module):  # what bcq_discrete.py and cql_discrete.py export: int64 actions, one per row
         def forward(self, obs):
             return torch.ones_like(obs[:, 0], dtype=torch.int64)
 
-    program = torch.export.export(Last(), (torch.zeros(2, length),), dynamic_shapes=({0: torch.export.Dim("b")},))
-    torch.export.save(program, tmp_path / "last_policy.pt2")
-    result = run_script("fqe.py", "--policy", str(tmp_path / "last_policy.pt2"), "--dataset-id",
-                        "test/chain/discrete-v0", "--discount", str(GAMMA), "--hidden-dims", "64", "64", "--critic-lr",
-                        "1e-3", "--tau", "0.02", "--weight-decay", "0", "--total-steps", "2000", "--eval-every", "250",
-                        "--num-bootstrap", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = fqe_on_chain(tmp_path, "test/chain/discrete-v0", episodes, gym.spaces.Discrete(3, start=-1), Last())
     value = float(re.search(FINAL, result.stdout).group(1))
     truth = 1 + GAMMA + GAMMA**2 + GAMMA**3
     assert abs(value - truth) < 0.02 * truth, (value, truth)
