@@ -118,8 +118,8 @@ else:
 algo = config.create(device=args.device)
 fit = dict(show_progress=False, save_interval=10**9, logger_adapter=d3rlpy.logging.NoopAdapterFactory())
 
-train_env = ds.recover_environment()  # the dataset's environment with its time limit, seeded apart from evaluation
-if args.online_steps:
+if args.online_steps:  # the dataset's environment with its time limit, seeded apart from evaluation
+    train_env = ds.recover_environment()
     d3rlpy.envs.seed_env(train_env, args.seed + 10**6)
     buffer = d3rlpy.dataset.create_fifo_replay_buffer(dataset.transition_count + args.online_steps,
                                                       episodes=dataset.episodes)  # filled with them
@@ -134,22 +134,6 @@ def switch():
         algo.impl._modules.actor_optim._lr_scheduler = None
 
 
-if args.speed and args.online_steps:
-    marks = {}
-
-    def mark_online(algo_, epoch, total_step):
-        if total_step == args.warmup:
-            marks["start"] = time.perf_counter()
-        if total_step == args.warmup + args.steps:
-            marks["end"] = time.perf_counter()
-
-    algo.fit(dataset, n_steps=1, n_steps_per_epoch=1, **fit)  # builds the networks; the rate is timed online alone
-    switch()
-    algo.fit_online(train_env, buffer, n_steps=args.warmup + args.steps, n_steps_per_epoch=args.warmup + args.steps,
-                    callback=mark_online, **fit)
-    print(f"d3rlpy IQL fit_online, {torch.get_num_threads()} thread(s): "
-          f"{args.steps / (marks['end'] - marks['start']):.1f} environment steps/s (one update each)")
-    raise SystemExit(0)
 if args.speed:
     marks, update_time, inner = {}, [0.0], algo.update
 
@@ -159,7 +143,7 @@ if args.speed:
         update_time[0] += time.perf_counter() - start
         return out
 
-    def mark(algo_, epoch, total_step):
+    def mark(algo_, epoch, total_step):  # fit's gradient steps, or fit_online's environment steps
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         if total_step == args.warmup:
@@ -168,10 +152,16 @@ if args.speed:
             marks["end"] = time.perf_counter()
 
     algo.update = timed_update
-    algo.fit(dataset, n_steps=horizon, n_steps_per_epoch=horizon, callback=mark, **fit)
+    if args.online_steps:  # one offline step builds the networks; the rate is timed online alone
+        algo.fit(dataset, n_steps=1, n_steps_per_epoch=1, **fit)
+        switch()
+        algo.fit_online(train_env, buffer, n_steps=args.warmup + args.steps,
+                        n_steps_per_epoch=args.warmup + args.steps, callback=mark, **fit)
+    else:
+        algo.fit(dataset, n_steps=horizon, n_steps_per_epoch=horizon, callback=mark, **fit)
+    unit = "environment steps/s in fit_online (one update each)" if args.online_steps else "updates/s in fit"
     print(f"d3rlpy {args.algo.upper()}, {args.device}{', compile_graph' if args.compile_graph else ''}, "
-          f"{torch.get_num_threads()} thread(s): "
-          f"{args.steps / (marks['end'] - marks['start']):.1f} updates/s in fit, "
+          f"{torch.get_num_threads()} thread(s): {args.steps / (marks['end'] - marks['start']):.1f} {unit}, "
           f"{args.steps / update_time[0]:.1f} updates/s in update alone")
     raise SystemExit(0)
 
