@@ -61,6 +61,9 @@ class Args:
     e2e_steps: int = 200_000
     packed_steps: int = 30_000
     curve_steps: int = 2000
+    steps: tuple[str, ...] = ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo", "fqe", "bcq_discrete",
+                              "cql_discrete", "dt")
+    """the training steps same-math compares (benchmark/speed.py's names)"""
 
 
 def run(cmd: list, log: Path, timeout: float, env: dict | None = None, cwd: Path = ROOT) -> tuple[int, str, float]:
@@ -82,7 +85,7 @@ def same_math(args: Args) -> dict:
     import speed
 
     device, results = torch.device(args.device), {}
-    for name in ("iql", "cql_continuous", "bcq", "awr", "awr_value", "mopo", "fqe", "bcq_discrete", "cql_discrete"):
+    for name in args.steps:
         try:
             results[name] = compare_steps(name, args, device, speed)
         except Exception as e:  # a step that cannot be captured: say which, check the others
@@ -96,7 +99,7 @@ def compare_steps(name: str, args: Args, device: torch.device, speed) -> dict:
     for graphed in (False, True):
         torch.manual_seed(0)
         config = speed.Args(device=args.device, cudagraphs=graphed, dataset_size=100_000,
-                            batch_size=100 if name == "bcq" else 256)
+                            batch_size={"bcq": 100, "dt": 64}.get(name, 256))
         eager, module, script_args = speed.STEPS[name](config, device)
         step = module.cuda_graph(eager, script_args, device)
         rows = []

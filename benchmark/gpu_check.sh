@@ -7,7 +7,7 @@
 set -u
 cd "$(dirname "$0")/.."
 if [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $(ls .whl_peer/*.whl 2>/dev/null) || exit 1
 fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 MINARI_DATASETS_PATH=/tmp/minari MUJOCO_GL=egl
 [ -d /tmp/minari/local/hopper/medium-replay-v0 ] || python3 benchmark/make_datasets.py --datasets medium-replay || exit 1

@@ -367,7 +367,7 @@ def start_mps() -> bool:
     if not shutil.which("nvidia-cuda-mps-control"):
         print("MPS: nvidia-cuda-mps-control is not on this machine; the runs share each GPU by time slicing")
         return False
-    if subprocess.run(["pgrep", "-x", "nvidia-cuda-mps-control"], capture_output=True).returncode == 0:
+    if subprocess.run(["pgrep", "-f", "nvidia-cuda-mps-control -d"], capture_output=True).returncode == 0:
         print("MPS: a control daemon is already running; the runs use it, and it is left running")
         return False
     subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)

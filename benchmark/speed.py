@@ -179,12 +179,27 @@ def discrete_step(name: str, args: Args, device: torch.device, actions: int = 4)
     return (lambda: agent.update(*module.minibatch(table, split, args.batch_size))), module, config
 
 
+def dt_step(args: Args, device: torch.device):
+    """dt.py's step: windows of its sequence length drawn from a table in its layout (episodes of 1000 steps), then one
+    update, at its default model; --batch-size as given (dt.py's default is 64)."""
+    import dt
+
+    config = dt.Args(batch_size=args.batch_size, cudagraphs=args.cudagraphs)
+    agent = dt.Agent(args.obs_dim, args.action_dim, config, device)
+    table, _ = random_table(args, device, args.dataset_size)
+    t = torch.arange(args.dataset_size, device=device) % 1000
+    table = torch.cat([table[:, :args.obs_dim + args.action_dim], torch.rand_like(table[:, :1]),
+                       t[:, None].float(), (999 - t)[:, None].float()], 1)
+    split = [args.obs_dim, args.action_dim, 1, 1, 1]
+    return (lambda: agent.update(*dt.minibatch(table, split, args.batch_size, config.seq_len))), dt, config
+
+
 STEPS = {"iql": lambda a, d: training_step("iql", a, d),
          "cql_continuous": lambda a, d: training_step("cql_continuous", a, d, hidden_dims=a.cql_hidden_dims),
          "bcq": lambda a, d: training_step("bcq", a, d), "awr": awr_step, "awr_value": awr_value_step,
          "mopo": mopo_step, "mopo_rollout": mopo_rollout_step, "fqe": fqe_step,
          "bcq_discrete": lambda a, d: discrete_step("bcq_discrete", a, d),
-         "cql_discrete": lambda a, d: discrete_step("cql_discrete", a, d)}
+         "cql_discrete": lambda a, d: discrete_step("cql_discrete", a, d), "dt": dt_step}
 
 
 def sync(device: torch.device):

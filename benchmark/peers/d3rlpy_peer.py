@@ -1,4 +1,5 @@
-"""Peer baselines: d3rlpy's IQL, CQL and BCQ, and DiscreteBCQ and DiscreteCQL, on a Minari dataset, trained and
+"""Peer baselines: d3rlpy's IQL, CQL and BCQ, DiscreteBCQ and DiscreteCQL, and DecisionTransformer, on a Minari
+dataset, trained and
 evaluated on the same schedule as our scripts, for the score and speed comparisons in the README.
 
 Not part of the project's scripts or tests; it runs in its own environment:
@@ -27,6 +28,11 @@ Settings (each the paper's, with standardized observations as our scripts use by
        1e-2 (the official code's; d3rlpy's default beta is 0.5) on an imitator of its own (share_encoder False, as the
        official network); CQL alpha 1. d3rlpy copies the target network every --target-update-interval steps where
        our scripts average it with tau 0.005; the default 200 = 1 / tau is the same time constant.
+  dt: d3rlpy's reproduction (reproductions/offline/decision_transformer.py) with dt.py's defaults: context 20,
+       embedding 128 (its state, return and action encoders one linear layer each), 3 layers, 1 head, dropout 0.1,
+       AdamW 1e-4 with weight decay 1e-4 on the linear layers' weights (GPT's grouping), the gradient clipped at 0.25,
+       a linear warm-up over 10,000 steps, batch 64, returns-to-go x 0.001, timesteps up to 1000. Evaluated through
+       d3rlpy's stateful wrapper at --target-return (one episode at a time).
 Evaluation: every --eval-every steps and at the end, --eval-episodes deterministic episodes seeded seed + i; the final
 score is the mean normalized score of the last 3 evaluations.
 """
@@ -41,7 +47,7 @@ import numpy as np
 import torch
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--algo", choices=["iql", "cql", "bcq", "discrete_bcq", "discrete_cql"], default="iql")
+parser.add_argument("--algo", choices=["iql", "cql", "bcq", "discrete_bcq", "discrete_cql", "dt"], default="iql")
 parser.add_argument("--dataset-id", default="local/hopper/medium-replay-v0")
 parser.add_argument("--seed", type=int, default=1)
 parser.add_argument("--total-steps", type=int, default=100_000)
@@ -51,6 +57,7 @@ parser.add_argument("--hidden-dims", type=int, nargs="+", default=None, help="cq
 parser.add_argument("--n-action-samples", type=int, default=10, help="cql and bcq")
 parser.add_argument("--batch-size", type=int, default=None, help="default: the algorithm's (256; bcq 100; discrete 64)")
 parser.add_argument("--target-update-interval", type=int, default=200, help="discrete: steps between target copies")
+parser.add_argument("--target-return", type=float, default=3600.0, help="dt: the return it is conditioned on")
 parser.add_argument("--out", default="peer.json")
 parser.add_argument("--speed", action="store_true", help="measure updates/s only, no evaluation")
 parser.add_argument("--threads", type=int, default=None)
@@ -106,6 +113,14 @@ elif args.algo.startswith("discrete"):
                   target_update_interval=args.target_update_interval, encoder_factory=net, observation_scaler=scaler)
     config = (d3rlpy.algos.DiscreteBCQConfig(action_flexibility=0.3, beta=1e-2, share_encoder=False, **common)
               if args.algo == "discrete_bcq" else d3rlpy.algos.DiscreteCQLConfig(alpha=1.0, **common))
+elif args.algo == "dt":
+    config = d3rlpy.algos.DecisionTransformerConfig(compile_graph=args.compile_graph,
+        batch_size=args.batch_size or 64, learning_rate=1e-4, context_size=20, num_heads=1, num_layers=3,
+        max_timestep=1000, position_encoding_type=d3rlpy.PositionEncodingType.SIMPLE,
+        optim_factory=d3rlpy.optimizers.GPTAdamWFactory(weight_decay=1e-4, clip_grad_norm=0.25,
+            lr_scheduler_factory=d3rlpy.optimizers.WarmupSchedulerFactory(warmup_steps=10_000)),
+        encoder_factory=d3rlpy.models.VectorEncoderFactory([128], exclude_last_activation=True),
+        observation_scaler=scaler, reward_scaler=d3rlpy.preprocessing.MultiplyRewardScaler(0.001))
 else:
     config = d3rlpy.algos.BCQConfig(compile_graph=args.compile_graph,
         actor_learning_rate=1e-3, critic_learning_rate=1e-3, imitator_learning_rate=1e-3,
@@ -175,9 +190,10 @@ def evaluate(step):
     returns = []
     for i in range(args.eval_episodes):
         o, _ = env.reset(seed=args.seed + i)
-        done, total = False, 0.0
+        done, total, r = False, 0.0, 0.0
+        wrapper = algo.as_stateful_wrapper(target_return=args.target_return) if args.algo == "dt" else None
         while not done:
-            a = algo.predict(o[None].astype(np.float32))[0]
+            a = wrapper.predict(o.astype(np.float32), r) if wrapper else algo.predict(o[None].astype(np.float32))[0]
             o, r, terminated, truncated, _ = env.step(a)
             total += r
             done = terminated or truncated
