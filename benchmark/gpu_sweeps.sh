@@ -67,7 +67,8 @@ for s in "$@"; do
   esac
 done
 wait
-# The return each finished dt.py run achieves against the return it is asked for (the DT figure), 10 episodes each.
+# The return each finished dt.py run achieves against the return it is asked for, 10 episodes each: the DT figure
+# (benchmark/dt_targets.py --logdir with the runs' folders).
 for run in "$W"/dt/runs/*/; do
   [ -f "$run/dt.pt" ] && [ ! -s "$run/targets.txt" ] && timeout 120 python3 dt.py --checkpoint "$run/dt.pt" \
     --target-returns 500 1000 1500 2000 2500 3000 3600 4500 --eval-episodes 10 > "$run/targets.txt" 2>&1 &

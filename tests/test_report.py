@@ -1,10 +1,11 @@
 """benchmark/report.py on tiny hand-made log folders: the table's rows, the final score's averaging, the CSV, a resumed
-run's curve and wall time, and the tables without matplotlib."""
+run's curve and wall time, and the tables without matplotlib; benchmark/dt_targets.py on hand-made targets.txt files."""
 
 import csv
 import json
 import sys
 
+import pytest
 from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
@@ -85,3 +86,21 @@ def test_fine_tuning_runs_get_the_switch_the_dip_and_the_gain(tmp_path):
     rows = (tmp_path / "out" / "t_finetune.md").read_text().splitlines()[2:]
     assert rows == ["| test-hopper-v0 | iql_ft | 1000 | 50.0 +- 0.0 | 15.0 +- 5.0 | 60.0 +- 0.0 | 70.0 +- 0.0 | "
                     "90.0 +- 0.0 | 40.0 +- 0.0 | 2 |"]
+
+
+def test_dt_targets_averages_each_target_over_seeds(tmp_path):
+    import dt_targets
+
+    line = ("runs/r/dt.pt (trained on local/x/y-v0), evaluated in Hopper-v5: 10 episodes, target return {t:g}, "
+            "return {r:.1f} +- 3.0, normalized score 1.0")
+    for seed, returns in ((1, (100.0, 300.0)), (2, (200.0, 500.0))):
+        (tmp_path / f"run{seed}").mkdir()
+        (tmp_path / f"run{seed}" / "targets.txt").write_text(
+            "target returns: 500 1800\n" + "\n".join(line.format(t=t, r=r) for t, r in zip((500, 1800), returns)))
+    dt_targets.main(dt_targets.Args(logdir=tmp_path, name="t", out=tmp_path / "out"))
+    table = (tmp_path / "out" / "t_targets.md").read_text()
+    assert "| local/x/y-v0 | 500 | 150.0 +- 50.0 | 2 |" in table
+    assert "| local/x/y-v0 | 1800 | 400.0 +- 100.0 | 2 |" in table
+    (tmp_path / "run1" / "targets.txt").write_text("no evaluation here\n")
+    with pytest.raises(SystemExit, match="no 'target return T, return R' line"):
+        dt_targets.main(dt_targets.Args(logdir=tmp_path, name="t", out=tmp_path / "out"))
