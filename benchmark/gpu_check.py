@@ -6,8 +6,8 @@ installs what such a machine may lack and rebuilds the dataset first; then:
 
 Parts (each prints a summary; --out gets results.json, curves.png and logs.tar.gz, the parts' full output, a few
 files in all since the device tool brings back at most eight; runs and sweeps stay under --work):
-  same-math  every script's step (AWR: its policy step and its value step; the discrete scripts' with four actions)
-             run 50 times captured in a CUDA graph and 50 times eagerly (--no-cudagraphs), from the same seed: the
+  same-math  every script's step (AWR: its policy step and its value step; the discrete scripts' with four actions;
+             --steps picks some) run 50 times captured in a CUDA graph and 50 times eagerly, from the same seed: the
              same random draws on both sides (the CUDA generator hands a graph replay the offsets the eager step
              would use), so the losses and learning rates must agree to 1e-4 relative.
   e2e        iql.py for 200,000 steps on local/hopper/medium-replay-v0 with the default evaluation schedule, timed.
@@ -114,7 +114,8 @@ def compare_steps(name: str, args: Args, device: torch.device, speed) -> dict:
         worst[tag] = max(abs(g - e) / max(abs(e), 1e-6) for g, e in zip(graph_values, eager_values))
     # The criterion holds for the losses and learning rates; values/* diagnostics near 0 (a fresh critic's Q) are
     # reported but not judged, since a relative difference says little there.
-    judged = {k: v for k, v in worst.items() if k.startswith("losses/") or k.endswith("_lr") or k == "loss"}
+    judged = {k: v for k, v in worst.items() if k.startswith("losses/") or k.endswith(("_lr", "learning_rate"))
+              or k == "loss"}
     result = {"max_relative_difference": worst, "eager": traces[False], "graphed": traces[True],
               "pass": all(v <= 1e-4 for v in judged.values())}
     print(f"same-math {name}: {'pass' if result['pass'] else 'FAIL'}, largest relative difference of a loss or "

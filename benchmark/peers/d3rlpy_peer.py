@@ -1,6 +1,5 @@
 """Peer baselines: d3rlpy's IQL, CQL and BCQ, DiscreteBCQ and DiscreteCQL, and DecisionTransformer, on a Minari
-dataset, trained and
-evaluated on the same schedule as our scripts, for the score and speed comparisons in the README.
+dataset, trained and evaluated on the same schedule as our scripts, for the score and speed comparisons in the README.
 
 Not part of the project's scripts or tests; it runs in its own environment:
     python -m venv peer && peer/bin/pip install torch==2.13.0 && \
@@ -55,7 +54,8 @@ parser.add_argument("--eval-every", type=int, default=5_000)
 parser.add_argument("--eval-episodes", type=int, default=10)
 parser.add_argument("--hidden-dims", type=int, nargs="+", default=None, help="cql: hidden sizes (default 256 256 256)")
 parser.add_argument("--n-action-samples", type=int, default=10, help="cql and bcq")
-parser.add_argument("--batch-size", type=int, default=None, help="default: the algorithm's (256; bcq 100; discrete 64)")
+parser.add_argument("--batch-size", type=int, default=None,
+                    help="default: the algorithm's (256; bcq 100; discrete and dt 64)")
 parser.add_argument("--target-update-interval", type=int, default=200, help="discrete: steps between target copies")
 parser.add_argument("--target-return", type=float, default=3600.0, help="dt: the return it is conditioned on")
 parser.add_argument("--out", default="peer.json")
