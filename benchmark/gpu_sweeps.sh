@@ -24,16 +24,10 @@ for s in "$@"; do  # every name checked before anything starts
   esac
 done
 start=$(date +%s)
-[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-  .whl/*.whl || exit 1
-[ -d /tmp/peersite ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target \
-  /tmp/peersite .whl_peer/*.whl || exit 1
-export PYTHONPATH=/tmp/site:/tmp/peersite PYTHONUNBUFFERED=1 MINARI_DATASETS_PATH=/tmp/minari MUJOCO_GL=egl \
-  OMP_NUM_THREADS=1
 mkdir -p /tmp/minari/local/hopper "$W/peer" "$OUT"
+. benchmark/gpu_setup.sh > "$W/setup.txt" 2>&1 || { cat "$W/setup.txt"; exit 1; }
+export OMP_NUM_THREADS=1
 [ -d /tmp/minari/local/hopper/medium-v0 ] || tar xzf .data/hopper-medium-v0.tar.gz -C /tmp/minari/local/hopper || exit 1
-[ -d /tmp/minari/local/hopper/medium-replay-v0 ] || python3 benchmark/make_datasets.py --datasets medium-replay \
-  > "$W/make_datasets.txt" 2>&1 || exit 1
 if [ ! -f "$W/checks.txt" ]; then
   { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 benchmark/gpu_check.py --parts same-math --steps dt --out "$W/check" --work "$W/check_work" | grep -v "^\["
