@@ -7,7 +7,8 @@ the output of
 (benchmark/gpu_sweeps.sh writes them for its dt runs), and writes benchmark/results/{name}_targets.md, per dataset and
 target the mean return over seeds +- their std, and {name}_targets.png, one panel per dataset: the mean over seeds
 against the target, shaded from the lowest to the highest seed, the dataset's best episode return dashed (when the
-dataset can be loaded: MINARI_DATASETS_PATH). A point above the dashed line is a return the data never reached.
+dataset can be loaded: MINARI_DATASETS_PATH) and the line return = target dotted. A point above the dashed line is a
+return the data never reached.
 
     python benchmark/dt_targets.py --logdir benchmark/logs/dt_hopper --name dt_hopper
 """
@@ -74,7 +75,8 @@ def main(args: Args):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}_targets.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
-    if plot_curves(runs, args.out / f"{args.name}_targets.png", xlabel="target return", ylabel="return", lines=lines):
+    if plot_curves(runs, args.out / f"{args.name}_targets.png", xlabel="target return", ylabel="return", lines=lines,
+                   diagonal="return = target"):
         print(f"wrote {args.out / f'{args.name}_targets.png'}")
 
 

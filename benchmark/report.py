@@ -119,10 +119,10 @@ def finetune_table(runs: list) -> list:
 
 
 def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps", ylabel: str | None = None,
-                lines: dict | None = None) -> bool:
+                lines: dict | None = None, diagonal: str | None = None) -> bool:
     """One panel per dataset; per script the mean over seeds at each evaluation step, shaded from min to max seed;
-    lines maps a dataset to a (value, label) drawn dashed across its panel. Returns False, drawing nothing, without
-    matplotlib."""
+    lines maps a dataset to a (value, label) drawn dashed across its panel; diagonal, if given, labels a dotted y = x
+    line. Returns False, drawing nothing, without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -143,6 +143,8 @@ def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps", ylabel: 
             ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
         if dataset in (lines or {}):
             ax.axhline(lines[dataset][0], color="k", ls="--", label=lines[dataset][1])
+        if diagonal:
+            ax.axline((0, 0), slope=1, color="gray", ls=":", label=diagonal)
         metric = {r["metric"] for r in runs if r["dataset"] == dataset}
         ax.set(title=dataset, xlabel=xlabel, ylabel=ylabel or ("normalized score" if metric == {"normalized_score"}
                                                                 else "return"))
