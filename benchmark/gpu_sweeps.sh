@@ -7,11 +7,12 @@
 # chosen sweeps run together for at most SECONDS (run.py --time-limit: a cut run keeps its checkpoint under
 # /tmp/gpu_sweeps, and the same command again on the same warm machine resumes it), and their curves and logs are
 # packed into OUT/sweeps.tar.gz. Measured on an H200 with all five at once (36 runs on 16 cores, under MPS): dt.py
-# about 90 updates/s a run, iql.py 200, SAC 85, CQL 90, against 603 for dt.py alone; so 8 minutes of sweeps finish
-# one or two of them, not all: dt (6 runs of 100k) with dt_peer (6 of 20k, about 60 updates/s), finetune (6 of
-# 100k + 100k), calql (6 of 20k + 20k) each about 8 minutes; sac (12 of 100k online) 8 to 15. dt alone: 190-230
-# updates/s a run (1312 together), its six runs and their target evaluations in 434 s + 231 s (two calls, the second
-# resuming). To skip the checks (run on an earlier machine), first write a line to /tmp/gpu_sweeps/checks.txt.
+# about 90 updates/s a run, iql.py 200, SAC 85, CQL 90, against 603 for dt.py alone; so 8 minutes of sweeps finish one
+# or two of them, not all: dt (6 runs of 100k) with dt_peer (6 of 20k, about 60 updates/s), finetune (6 of 100k +
+# 100k), calql (6 of 10k + 10k, the CPU's budget) each about 8 minutes (calql less); sac (12 of 100k online) 8 to 15.
+# dt alone: 190-230 updates/s a run (1312 together), its six runs and their target evaluations in 434 s + 231 s (two
+# calls, the second resuming). To skip the checks (run on an earlier machine), first write a line to
+# /tmp/gpu_sweeps/checks.txt.
 # Needs, beside the repository: .whl (Python 3.12 wheels of gymnasium, mujoco-core, minari, tyro and their missing
 # dependencies), .whl_peer (d3rlpy 2.8.1, gym 0.26.2, structlog, dataclasses-json, marshmallow, gym-notices) and
 # .data/hopper-medium-v0.tar.gz (the dataset of the CPU results; medium-replay is rebuilt exactly from the repository).
@@ -60,7 +61,7 @@ for s in "$@"; do
           --actor-lr 3e-4 --alpha-lr 3e-4 --backup-entropy" & ;;  # SAC's own settings: 256-256, lr 3e-4, soft backup
     calql) sweep calql --scripts cql_continuous.py --dataset-ids local/hopper/medium-replay-v0 \
           --variants "finetune: " "calql: --calql" \
-          --args="--total-steps 20000 --online-steps 20000 --eval-every 1000 --hidden-dims 256 256" & ;;
+          --args="--total-steps 10000 --online-steps 10000 --eval-every 500 --hidden-dims 256 256" & ;;
     dt_peer) for d in $D; do for seed in 1 2 3; do  # d3rlpy's DT, 20k steps; a run cut by the limit starts over
           f="$W/peer/d3rlpy_dt_${d//\//-}_$seed.json"
           [ -f "$f" ] || timeout $((left - 20)) python3 \
