@@ -11,7 +11,7 @@
 # or two of them, not all: dt (6 runs of 100k) with dt_peer (6 of 20k, about 60 updates/s), finetune (6 of 100k +
 # 100k), calql (6 of 10k + 10k, the CPU's budget) each about 8 minutes (calql less); sac (12 of 100k online) 8 to 15.
 # dt alone: 190-230 updates/s a run (1312 together), its six runs and their target evaluations in 434 s + 231 s (two
-# calls, the second resuming). To skip the checks (run on an earlier machine), first write a line to
+# calls, the second resuming); sac alone: 173-183 environment steps/s a run, its 12 runs in 531 s + 112 s. To skip the checks (run on an earlier machine), first write a line to
 # /tmp/gpu_sweeps/checks.txt.
 # Needs, beside the repository: .whl (Python 3.12 wheels of gymnasium, mujoco-core, minari, tyro and their missing
 # dependencies), .whl_peer (d3rlpy 2.8.1, gym 0.26.2, structlog, dataclasses-json, marshmallow, gym-notices) and

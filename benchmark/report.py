@@ -11,7 +11,7 @@ a band from the lowest to the highest seed. Without matplotlib it writes the tab
 Fine-tuning runs (`--online-steps`, read from a run's logged hyperparameters; a peer's `offline_steps`) get a table of
 their own, {name}_finetune.md: per script and dataset, over seeds, the score at the switch (the last evaluation at or
 before it), the dip (the lowest score in the first 10% of the online phase), the scores at 25%, 50% and 100% of it and
-the gain from the switch to the end; and {name}_online.png, score against online steps with the offline phase before 0.
+the gain from the switch to the end (n/a both for a run from scratch, `--total-steps 0`); and {name}_online.png, score against online steps with the offline phase before 0.
 
 A run stopped and resumed (`--resume`) holds one event file per session; they read as one curve (a resumed session
 drops what the earlier one logged after the checkpoint's step), and its wall time is the sum of the sessions' own spans,
@@ -110,11 +110,14 @@ def finetune_table(runs: list) -> list:
     for r in (r for r in runs if r["offline_steps"] is not None and r["curve"][-1][0] > r["offline_steps"]):
         groups.setdefault((r["dataset"], r["script"]), []).append(finetune_row(r))
     for (dataset, script), rows in sorted(groups.items()):
-        cell = lambda k: f"{np.mean([r[k] for r in rows]):.1f} +- {np.std([r[k] for r in rows]):.1f}"  # noqa: E731
-        gains = [r["100%"] - r["switch"] for r in rows]
+        for r in rows:
+            r["gain"] = r["100%"] - r["switch"]
+        # a run from scratch (--total-steps 0) has no evaluation before its online phase: no switch, no gain
+        cell = lambda k: "n/a" if np.isnan([r[k] for r in rows]).all() else (  # noqa: E731
+            f"{np.mean([r[k] for r in rows]):.1f} +- {np.std([r[k] for r in rows]):.1f}")
         lines.append(f"| {dataset} | {script} | {min(r['online_steps'] for r in rows)} | {cell('switch')} | "
-                     f"{cell('dip')} | {cell('25%')} | {cell('50%')} | {cell('100%')} | "
-                     f"{np.mean(gains):.1f} +- {np.std(gains):.1f} | {len(rows)} |")
+                     f"{cell('dip')} | {cell('25%')} | {cell('50%')} | {cell('100%')} | {cell('gain')} | "
+                     f"{len(rows)} |")
     return lines if len(lines) > 2 else []
 
 
@@ -131,6 +134,8 @@ def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps", ylabel: 
     import matplotlib.pyplot as plt
 
     datasets = sorted({r["dataset"] for r in runs})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # a script keeps its colour in every panel
+    colors = {s: palette[i % len(palette)] for i, s in enumerate(sorted({r["script"] for r in runs}))}
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         scripts = sorted({r["script"] for r in runs if r["dataset"] == dataset})
@@ -139,8 +144,9 @@ def plot_curves(runs: list, path: Path, xlabel: str = "gradient steps", ylabel: 
             curves = [dict(r["curve"]) for r in group]
             steps = sorted(set.intersection(*[set(c) for c in curves]))
             values = np.array([[c[s] for s in steps] for c in curves])
-            line, = ax.plot(steps, values.mean(0), label=f"{script} ({len(group)} seed{'s' * (len(group) > 1)})")
-            ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+            ax.plot(steps, values.mean(0), color=colors[script],
+                    label=f"{script} ({len(group)} seed{'s' * (len(group) > 1)})")
+            ax.fill_between(steps, values.min(0), values.max(0), color=colors[script], alpha=0.2)
         if dataset in (lines or {}):
             ax.axhline(lines[dataset][0], color="k", ls="--", label=lines[dataset][1])
         if diagonal:

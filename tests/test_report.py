@@ -71,7 +71,7 @@ def test_without_matplotlib_the_tables_are_written_and_the_curves_skipped(tmp_pa
 def test_fine_tuning_runs_get_the_switch_the_dip_and_the_gain(tmp_path):
     """Two seeds of a run with 400 offline and 1000 online steps (evaluations every 100): the score at the switch is the
     one logged at step 400, the dip the lowest within 100 steps after it, 25/50/100% the first evaluations at or past
-    650, 900 and 1400; an offline run adds no row."""
+    650, 900 and 1400; a run from scratch (total_steps 0) has no switch and no gain; an offline run adds no row."""
     logs = tmp_path / "logs"
     for seed, dip in ((1, 10.0), (2, 20.0)):
         with SummaryWriter(logs / f"test-hopper-v0__iql_ft__{seed}__1700000000") as w:
@@ -81,11 +81,18 @@ def test_fine_tuning_runs_get_the_switch_the_dip_and_the_gain(tmp_path):
                 w.add_scalar("eval/normalized_score", score, step)
                 w.add_scalar("charts/updates_per_second", 50.0, step)
                 w.add_scalar("charts/peak_memory_mb", 100.0, step)
+    with SummaryWriter(logs / "test-hopper-v0__sac__1__1700000000") as w:
+        w.add_text("hyperparameters", "|param|value|\n|-|-|\n|total_steps|0|\n|online_steps|400|")
+        for step, score in ((40, 2.0), (100, 5.0), (200, 3.0), (300, 8.0), (400, 9.0)):
+            for tag, value in (("eval/normalized_score", score), ("charts/updates_per_second", 50.0),
+                               ("charts/peak_memory_mb", 100.0)):
+                w.add_scalar(tag, value, step)
     fake_run(logs, "iql", 1, [0.0, 10.0, 20.0, 30.0])
     report.main(report.Args(logdir=logs, name="t", out=tmp_path / "out", curves=False))
     rows = (tmp_path / "out" / "t_finetune.md").read_text().splitlines()[2:]
     assert rows == ["| test-hopper-v0 | iql_ft | 1000 | 50.0 +- 0.0 | 15.0 +- 5.0 | 60.0 +- 0.0 | 70.0 +- 0.0 | "
-                    "90.0 +- 0.0 | 40.0 +- 0.0 | 2 |"]
+                    "90.0 +- 0.0 | 40.0 +- 0.0 | 2 |",
+                    "| test-hopper-v0 | sac | 400 | n/a | 2.0 +- 0.0 | 5.0 +- 0.0 | 3.0 +- 0.0 | 9.0 +- 0.0 | n/a | 1 |"]
 
 
 def test_dt_targets_averages_each_target_over_seeds(tmp_path):
