@@ -11,8 +11,8 @@
 # or two of them, not all: dt (6 runs of 100k) with dt_peer (6 of 20k, about 60 updates/s), finetune (6 of 100k +
 # 100k), calql (6 of 10k + 10k, the CPU's budget) each about 8 minutes (calql less); sac (12 of 100k online) 8 to 15.
 # dt alone: 190-230 updates/s a run (1312 together), its six runs and their target evaluations in 434 s + 231 s (two
-# calls, the second resuming); sac alone: 173-183 environment steps/s a run, its 12 runs in 531 s + 112 s. To skip the checks (run on an earlier machine), first write a line to
-# /tmp/gpu_sweeps/checks.txt.
+# calls, the second resuming); sac alone: 173-183 environment steps/s a run, its 12 runs in 531 s + 112 s. To skip
+# the checks (run on an earlier machine), first write a line to /tmp/gpu_sweeps/checks.txt.
 # Needs, beside the repository: .whl (Python 3.12 wheels of gymnasium, mujoco-core, minari, tyro and their missing
 # dependencies), .whl_peer (d3rlpy 2.8.1, gym 0.26.2, structlog, dataclasses-json, marshmallow, gym-notices) and
 # .data/hopper-medium-v0.tar.gz (the dataset of the CPU results; medium-replay is rebuilt exactly from the repository).
@@ -49,8 +49,8 @@ left=$((T - ($(date +%s) - start) - reserve))  # the sweeps' share
 D="local/hopper/medium-replay-v0 local/hopper/medium-v0"
 sweep() {  # name, then run.py's grid; every run of the grid at once, one thread each
   local name=$1; shift
-  python3 benchmark/run.py --runs-per-gpu 12 --threads 1 --time-limit "$left" --stop-grace "$grace" --out "$W/$name" "$@" \
-    > "$W/$name.txt" 2>&1
+  python3 benchmark/run.py --runs-per-gpu 12 --threads 1 --time-limit "$left" --stop-grace "$grace" \
+    --out "$W/$name" "$@" > "$W/$name.txt" 2>&1
 }
 for s in "$@"; do
   case $s in

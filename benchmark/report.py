@@ -11,7 +11,8 @@ a band from the lowest to the highest seed. Without matplotlib it writes the tab
 Fine-tuning runs (`--online-steps`, read from a run's logged hyperparameters; a peer's `offline_steps`) get a table of
 their own, {name}_finetune.md: per script and dataset, over seeds, the score at the switch (the last evaluation at or
 before it), the dip (the lowest score in the first 10% of the online phase), the scores at 25%, 50% and 100% of it and
-the gain from the switch to the end (n/a both for a run from scratch, `--total-steps 0`); and {name}_online.png, score against online steps with the offline phase before 0.
+the gain from the switch to the end (n/a both for a run from scratch, `--total-steps 0`); and {name}_online.png, score
+against online steps with the offline phase before 0.
 
 A run stopped and resumed (`--resume`) holds one event file per session; they read as one curve (a resumed session
 drops what the earlier one logged after the checkpoint's step), and its wall time is the sum of the sessions' own spans,
@@ -93,14 +94,17 @@ def read_peer(path: Path, last: int) -> dict:
 
 def finetune_row(run: dict) -> dict:
     """One fine-tuning run's figures: the score at the switch, the dip in the first 10% of the online phase, the
-    scores at 25%, 50% and 100% of it (the first evaluation at or past each point)."""
+    scores at 25%, 50% and 100% of it (the first evaluation at or past each point) and the gain from the switch to the
+    end. A run from scratch (--total-steps 0) has no evaluation before its online phase: no switch, no gain (nan)."""
     switch, curve = run["offline_steps"], sorted(run["curve"])
     online = curve[-1][0] - switch
     before = [v for s, v in curve if s <= switch]
     at = lambda frac: next(v for s, v in curve if s >= switch + frac * online)  # noqa: E731
-    return {"switch": before[-1] if before else float("nan"),
+    score_at_switch = before[-1] if before else float("nan")
+    return {"switch": score_at_switch,
             "dip": min([v for s, v in curve if switch < s <= switch + 0.1 * online] or [float("nan")]),
-            "25%": at(0.25), "50%": at(0.5), "100%": at(1.0), "online_steps": online}
+            "25%": at(0.25), "50%": at(0.5), "100%": at(1.0), "gain": at(1.0) - score_at_switch,
+            "online_steps": online}
 
 
 def finetune_table(runs: list) -> list:
@@ -110,9 +114,6 @@ def finetune_table(runs: list) -> list:
     for r in (r for r in runs if r["offline_steps"] is not None and r["curve"][-1][0] > r["offline_steps"]):
         groups.setdefault((r["dataset"], r["script"]), []).append(finetune_row(r))
     for (dataset, script), rows in sorted(groups.items()):
-        for r in rows:
-            r["gain"] = r["100%"] - r["switch"]
-        # a run from scratch (--total-steps 0) has no evaluation before its online phase: no switch, no gain
         cell = lambda k: "n/a" if np.isnan([r[k] for r in rows]).all() else (  # noqa: E731
             f"{np.mean([r[k] for r in rows]):.1f} +- {np.std([r[k] for r in rows]):.1f}")
         lines.append(f"| {dataset} | {script} | {min(r['online_steps'] for r in rows)} | {cell('switch')} | "

@@ -13,12 +13,15 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 import report  # noqa: E402
 
 
-def fake_run(logdir, script, seed, scores):
+def fake_run(logdir, script, seed, scores, steps=None, hyper=None):
+    """scores logged at steps (default 100, 200, ...); hyper: rows of the logged hyperparameters table."""
     with SummaryWriter(logdir / f"test-hopper-v0__{script}__{seed}__1700000000") as w:
-        for i, score in enumerate(scores):
-            w.add_scalar("eval/normalized_score", score, (i + 1) * 100)
-            w.add_scalar("charts/updates_per_second", 50.0 + seed, (i + 1) * 100)
-            w.add_scalar("charts/peak_memory_mb", 100.0 * seed, (i + 1) * 100)
+        if hyper:
+            w.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "".join(f"|{k}|{v}|\n" for k, v in hyper.items()))
+        for step, score in zip(steps or range(100, 100 * len(scores) + 1, 100), scores):
+            w.add_scalar("eval/normalized_score", score, step)
+            w.add_scalar("charts/updates_per_second", 50.0 + seed, step)
+            w.add_scalar("charts/peak_memory_mb", 100.0 * seed, step)
 
 
 def test_report_averages_the_last_three_evaluations_per_seed(tmp_path):
@@ -74,25 +77,18 @@ def test_fine_tuning_runs_get_the_switch_the_dip_and_the_gain(tmp_path):
     650, 900 and 1400; a run from scratch (total_steps 0) has no switch and no gain; an offline run adds no row."""
     logs = tmp_path / "logs"
     for seed, dip in ((1, 10.0), (2, 20.0)):
-        with SummaryWriter(logs / f"test-hopper-v0__iql_ft__{seed}__1700000000") as w:
-            w.add_text("hyperparameters", "|param|value|\n|-|-|\n|total_steps|400|\n|online_steps|1000|")
-            for step in range(100, 1401, 100):
-                score = {400: 50.0, 500: dip, 700: 60.0, 900: 70.0, 1400: 90.0}.get(step, 55.0)
-                w.add_scalar("eval/normalized_score", score, step)
-                w.add_scalar("charts/updates_per_second", 50.0, step)
-                w.add_scalar("charts/peak_memory_mb", 100.0, step)
-    with SummaryWriter(logs / "test-hopper-v0__sac__1__1700000000") as w:
-        w.add_text("hyperparameters", "|param|value|\n|-|-|\n|total_steps|0|\n|online_steps|400|")
-        for step, score in ((40, 2.0), (100, 5.0), (200, 3.0), (300, 8.0), (400, 9.0)):
-            for tag, value in (("eval/normalized_score", score), ("charts/updates_per_second", 50.0),
-                               ("charts/peak_memory_mb", 100.0)):
-                w.add_scalar(tag, value, step)
+        marks = {400: 50.0, 500: dip, 700: 60.0, 900: 70.0, 1400: 90.0}
+        scores = [marks.get(step, 55.0) for step in range(100, 1401, 100)]
+        fake_run(logs, "iql_ft", seed, scores, hyper={"total_steps": 400, "online_steps": 1000})
+    fake_run(logs, "sac", 1, [2.0, 5.0, 3.0, 8.0, 9.0], steps=[40, 100, 200, 300, 400],
+             hyper={"total_steps": 0, "online_steps": 400})
     fake_run(logs, "iql", 1, [0.0, 10.0, 20.0, 30.0])
     report.main(report.Args(logdir=logs, name="t", out=tmp_path / "out", curves=False))
     rows = (tmp_path / "out" / "t_finetune.md").read_text().splitlines()[2:]
     assert rows == ["| test-hopper-v0 | iql_ft | 1000 | 50.0 +- 0.0 | 15.0 +- 5.0 | 60.0 +- 0.0 | 70.0 +- 0.0 | "
                     "90.0 +- 0.0 | 40.0 +- 0.0 | 2 |",
-                    "| test-hopper-v0 | sac | 400 | n/a | 2.0 +- 0.0 | 5.0 +- 0.0 | 3.0 +- 0.0 | 9.0 +- 0.0 | n/a | 1 |"]
+                    "| test-hopper-v0 | sac | 400 | n/a | 2.0 +- 0.0 | 5.0 +- 0.0 | 3.0 +- 0.0 | 9.0 +- 0.0 | n/a | "
+                    "1 |"]
 
 
 def test_dt_targets_averages_each_target_over_seeds(tmp_path):
